@@ -1,0 +1,189 @@
+"""The backbone protocol every family implements, the registry, and save / load.
+
+Objectives never reach into a backbone's attributes beyond what is declared here: they ask the
+capability flags, read the geometry (`embed_dim`, `patch_size`, `grid_size`, ...) and call the
+token-level methods.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .layers import gather_tokens, to_2tuple
+
+
+class CapabilityError(ValueError):
+    """An objective was given a backbone that cannot serve it."""
+
+
+class Backbone(nn.Module):
+    """Base class: geometry, capability flags and the token-level interface.
+
+    forward(x)            -> (B, D)    pooled embedding, what evaluators score
+    forward_features(x)   -> (B, P+N, D) tokens after the final norm (P prefix tokens first)
+    embed_patches(x)      -> (B, N, D)  patch tokens, no positions
+    pos_embed_for(ids)    -> (B, n, D)  positions of the patches `ids` (B, n); ids=None: (1, N, D)
+    forward_tokens(t)     -> (B, P+n, D) prefix tokens added, blocks + final norm over t (B, n, D)
+    pool(tokens)          -> (B, D)
+    """
+
+    # capability flags, answered honestly by each family
+    supports_token_drop: bool = False  # encoder can run on a subset of patches (MAE)
+    supports_mask_token: bool = False  # patch tokens can be replaced before the blocks (SimMIM, MPP)
+    attention_maps: bool = False  # attention can be recorded (pictures)
+
+    embed_dim: int
+    patch_size: int
+    in_chans: int
+    image_size: tuple[int, int]
+    num_prefix_tokens: int = 0
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        h, w = self.image_size
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.forward_features(x))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed_patches(x) + self.pos_embed_for(None)  # (B, N, D)
+        return self.forward_tokens(tokens)
+
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pos_embed_for(self, ids: torch.Tensor | None) -> torch.Tensor:
+        pos = self.patch_positions()  # (1, N, D)
+        if ids is None:
+            return pos
+        return gather_tokens(pos.expand(ids.shape[0], -1, -1), ids)
+
+    def patch_positions(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (as in named_parameters) that take no weight decay besides norms and biases."""
+        return set()
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.in_chans or tuple(x.shape[-2:]) != tuple(self.image_size):
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} does not fit this backbone, built for "
+                f"(B, {self.in_chans}, {self.image_size[0]}, {self.image_size[1]}): resize the input, "
+                f"or build the backbone with image_size / in_chans that match it"
+            )
+
+
+# --------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, Callable[..., Backbone]] = {}
+
+
+def register(name: str) -> Callable:
+    """Register a builder (a Backbone subclass or a function returning one) under `name`."""
+
+    def deco(builder: Callable[..., Backbone]) -> Callable[..., Backbone]:
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} is registered twice")
+        _REGISTRY[name] = builder
+        return builder
+
+    return deco
+
+
+def list_backbones() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _bind(name: str, builder: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The builder's full keyword arguments, defaults filled in; unknown names are refused."""
+    sig = inspect.signature(builder)
+    unknown = [k for k in kwargs if k not in sig.parameters]
+    if unknown:
+        allowed = ", ".join(p for p in sig.parameters if p != "self")
+        raise ValueError(f"backbone {name!r} has no option {unknown[0]!r}; its options are: {allowed}")
+    bound = sig.bind_partial(**kwargs)
+    bound.apply_defaults()
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in bound.arguments.items()}
+
+
+def create(name: str, **kwargs: Any) -> Backbone:
+    """Build a registered backbone: `create("vit", size="small", image_size=224)`."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; registered backbones are: {', '.join(list_backbones())}")
+    builder = _REGISTRY[name]
+    resolved = _bind(name, builder, kwargs)
+    model = builder(**resolved)
+    model.build_config = {"name": name, "kwargs": resolved}
+    return model
+
+
+def build_config(model: Backbone) -> dict[str, Any]:
+    cfg = getattr(model, "build_config", None)
+    if cfg is None:
+        raise ValueError("this backbone was not built by backbones.create(), so it cannot be saved with its config")
+    return cfg
+
+
+# --------------------------------------------------------------------------- save / load
+
+WEIGHTS, META = "backbone.safetensors", "backbone.json"
+
+
+def save(model: Backbone, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write `backbone.safetensors` + `backbone.json` (registry name, resolved kwargs, `extra`)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS))
+    meta = {**build_config(model), **(extra or {})}
+    (directory / META).write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def load_meta(path: str | Path) -> dict[str, Any]:
+    """The backbone.json of a checkpoint or backbone folder."""
+    path = Path(path)
+    meta_file = path / META if path.is_dir() else path
+    if not meta_file.is_file():
+        raise FileNotFoundError(
+            f"no {META} in {path}: pass a checkpoint folder (RUN_DIR/checkpoints/step-NNNNNN) "
+            f"or a folder written by backbones.save()"
+        )
+    return json.loads(meta_file.read_text())
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> Backbone:
+    """Rebuild a saved backbone and load its weights strictly (a mismatch is an error, never ignored)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    meta = load_meta(directory)
+    model = create(meta["name"], **meta["kwargs"])
+    state = load_file(str(directory / WEIGHTS), device=str(map_location))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def image_size_2d(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    return to_2tuple(image_size if isinstance(image_size, int) else tuple(image_size))

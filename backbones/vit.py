@@ -1,0 +1,143 @@
+"""ViT (Dosovitskiy et al., 2020) and SimpleViT (Beyer et al., 2022).
+
+One class: SimpleViT is a ViT with fixed 2-D sin-cos positions, no class token and mean pooling.
+Parameter names match timm's VisionTransformer, so weights move between the two unchanged.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Backbone, image_size_2d, register
+from .layers import PatchEmbed, init_patch_embed, init_weights, sincos_2d, transformer, trunc_normal_
+
+# name -> (dim, depth, heads), as in the ViT / DeiT papers
+SIZES = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+}
+
+
+class ViT(Backbone):
+    supports_token_drop = True
+    supports_mask_token = True
+    attention_maps = True
+
+    def __init__(
+        self,
+        image_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        size: str = "base",
+        dim: int | None = None,
+        depth: int | None = None,
+        heads: int | None = None,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        class_token: bool = True,
+        pos_embed: str = "learned",
+        pool: str = "cls",
+        drop: float = 0.0,
+    ):
+        super().__init__()
+        if size not in SIZES:
+            raise ValueError(f"size={size!r} is not one of {', '.join(SIZES)}; or set dim, depth and heads")
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool={pool!r}: allowed are 'cls' and 'mean'")
+        if pool == "cls" and not class_token:
+            raise ValueError("pool='cls' needs class_token=True: use pool='mean' without a class token")
+        if pos_embed not in ("learned", "sincos"):
+            raise ValueError(f"pos_embed={pos_embed!r}: allowed are 'learned' and 'sincos'")
+        d, L, h = SIZES[size]
+        dim, depth, heads = dim or d, depth or L, heads or h
+        if in_chans < 1 or patch_size < 1 or depth < 1:
+            raise ValueError(f"in_chans={in_chans}, patch_size={patch_size}, depth={depth} must all be >= 1")
+
+        self.image_size = image_size_2d(image_size)
+        self.patch_size, self.in_chans, self.embed_dim = patch_size, in_chans, dim
+        self.num_prefix_tokens = int(class_token)
+        self.pool_type = pool
+
+        self.patch_embed = PatchEmbed(self.image_size, patch_size, in_chans, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if class_token else None
+        n_pos = self.num_patches + self.num_prefix_tokens
+        if pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, dim))
+        else:
+            pos = sincos_2d(self.grid_size, dim)
+            pos = torch.cat([torch.zeros(1, self.num_prefix_tokens, dim), pos], dim=1)
+            self.register_buffer("pos_embed", pos, persistent=False)
+        self.blocks = transformer(dim, depth, heads, mlp_ratio, qkv_bias, drop)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self._init()
+
+    def _init(self) -> None:
+        self.apply(init_weights)
+        init_patch_embed(self.patch_embed)
+        if isinstance(self.pos_embed, nn.Parameter):
+            trunc_normal_(self.pos_embed)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=0.02)
+
+    # -- token-level protocol ------------------------------------------------------------
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return self.patch_embed(x)  # (B, N, D)
+
+    def patch_positions(self) -> torch.Tensor:
+        return self.pos_embed[:, self.num_prefix_tokens :]  # (1, N, D)
+
+    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cls_token is not None:
+            cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)  # (B, 1, D)
+            tokens = torch.cat([cls, tokens], dim=1)  # (B, 1+n, D)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.pool_type == "cls":
+            return tokens[:, 0]
+        return tokens[:, self.num_prefix_tokens :].mean(dim=1)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+
+@register("vit")
+def vit(
+    image_size: int | tuple[int, int] = 224,
+    patch_size: int = 16,
+    in_chans: int = 3,
+    size: str = "base",
+    dim: int | None = None,
+    depth: int | None = None,
+    heads: int | None = None,
+    mlp_ratio: float = 4.0,
+    qkv_bias: bool = True,
+    pool: str = "cls",
+    drop: float = 0.0,
+) -> ViT:
+    """ViT: learned positions, a class token, pooling by class token ('cls') or mean of patches."""
+    return ViT(image_size, patch_size, in_chans, size, dim, depth, heads, mlp_ratio, qkv_bias,
+               class_token=True, pos_embed="learned", pool=pool, drop=drop)
+
+
+@register("simple_vit")
+def simple_vit(
+    image_size: int | tuple[int, int] = 224,
+    patch_size: int = 16,
+    in_chans: int = 3,
+    size: str = "base",
+    dim: int | None = None,
+    depth: int | None = None,
+    heads: int | None = None,
+    mlp_ratio: float = 4.0,
+    qkv_bias: bool = True,
+    drop: float = 0.0,
+) -> ViT:
+    """SimpleViT: fixed 2-D sin-cos positions, no class token, mean pooling."""
+    return ViT(image_size, patch_size, in_chans, size, dim, depth, heads, mlp_ratio, qkv_bias,
+               class_token=False, pos_embed="sincos", pool="mean", drop=drop)

@@ -1,0 +1,105 @@
+"""The objective protocol and registry.
+
+An objective wraps a backbone and turns a batch of augmented views into a loss. The trainer knows
+only this interface: `views`, `forward(batch) -> dict`, `on_step`, `parameter_groups`,
+`export_backbone`.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from backbones import Backbone, CapabilityError
+from data.augment import ViewSpec
+
+_REGISTRY: dict[str, type["Objective"]] = {}
+
+
+def register(name: str) -> Callable:
+    def deco(cls: type[Objective]) -> type[Objective]:
+        if name in _REGISTRY:
+            raise ValueError(f"objective {name!r} is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def list_objectives() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create(name: str, backbone: Backbone, **hparams: Any) -> "Objective":
+    """Build a registered objective around `backbone`; unknown hyper-parameters are refused."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown objective {name!r}; registered objectives are: {', '.join(list_objectives())}")
+    cls = _REGISTRY[name]
+    params = inspect.signature(cls.__init__).parameters
+    unknown = [k for k in hparams if k not in params or k in ("self", "backbone")]
+    if unknown:
+        allowed = ", ".join(p for p in params if p not in ("self", "backbone"))
+        raise ValueError(f"objective {name!r} has no option {unknown[0]!r}; its options are: {allowed}")
+    return cls(backbone, **hparams)
+
+
+class Objective(nn.Module):
+    name: str = ""
+    #: capability flags of the backbone this objective needs (see backbones.base.Backbone)
+    requires: tuple[str, ...] = ()
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.check_backbone(backbone)
+        self.backbone = backbone
+
+    @classmethod
+    def check_backbone(cls, backbone: Backbone) -> None:
+        missing = [flag for flag in cls.requires if not getattr(backbone, flag, False)]
+        if missing:
+            raise CapabilityError(
+                f"objective {cls.name!r} needs a backbone with {' and '.join(missing)}, which "
+                f"{type(backbone).__name__} does not have; objectives that work with it are: "
+                f"{', '.join(o for o in list_objectives() if _REGISTRY[o].serves(backbone)) or 'none yet'}"
+            )
+
+    @classmethod
+    def serves(cls, backbone: Backbone) -> bool:
+        return all(getattr(backbone, flag, False) for flag in cls.requires)
+
+    @property
+    def views(self) -> list[ViewSpec]:
+        """What the data stage must deliver (the device augmentation is built from this)."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """batch = {"views": [float (B, C, H, W), ...], "labels": (B,)} -> {"loss": scalar, ...}."""
+        raise NotImplementedError
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        """Called after every optimizer step; schedules are pure functions of the global step."""
+
+    def export_backbone(self) -> Backbone:
+        """The weights a user takes away."""
+        return self.backbone
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (as in named_parameters of this module) exempt from weight decay besides norms and biases."""
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+    def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Two AdamW groups: weight decay on weight matrices only; none on norms, biases,
+        positions and tokens."""
+        skip = self.no_weight_decay()
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]

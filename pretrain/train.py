@@ -1,0 +1,263 @@
+"""The training loop: read it top to bottom in `train()`.
+
+shards -> uint8 batch -> device -> Kornia views -> objective -> loss -> AdamW step
+every ckpt_every steps: checkpoint (resumable), at the end: kNN score of the final checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+import backbones
+import objectives
+from data.augment import DeviceAugment
+from data.builtin import builtin_shards
+from data.shards import read_manifest, shard_urls
+from data.stream import ShardLoader
+
+from . import checkpoint as ckpt_mod
+from . import config as config_mod
+from .config import Config, ConfigError
+from .tracking import RunLog
+
+# settings that may change when a run is relaunched in the same folder
+RESUMABLE_CHANGES = ("train.total_steps", "train.log_every", "train.ckpt_every", "train.keep_last",
+                     "train.progress", "train.stop_at", "train.cpu_threads", "eval", "data.num_workers", "data.train", "data.test", "data.fashion_mnist_dir")
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warm-up, then cosine to min_lr: a pure function of the step."""
+    o, total = cfg.optim, cfg.train.total_steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_objective(cfg: Config) -> objectives.Objective:
+    """Backbone + objective from the config; a bad setting becomes a ConfigError naming the field."""
+    kw = {k: v for k, v in cfg.backbone.items() if k != "name"}
+    try:
+        backbone = backbones.create(cfg.backbone["name"], **kw)
+    except (ValueError, TypeError) as e:
+        raise config_mod.component_error("backbone", e) from None
+    hp = {k: v for k, v in cfg.objective.items() if k != "name"}
+    try:
+        return objectives.create(cfg.objective["name"], backbone, **hp)
+    except (ValueError, TypeError) as e:
+        raise config_mod.component_error("objective", e) from None
+
+
+def train_shards(cfg: Config) -> tuple[list[str], dict | None]:
+    """The training shards and their manifest (None for remote shards without one)."""
+    if cfg.data.train is None:
+        spec = builtin_shards(root=cfg.data.fashion_mnist_dir)["train"]
+    else:
+        spec = cfg.data.train
+    try:
+        manifest = read_manifest(spec)
+    except (FileNotFoundError, ValueError, OSError):
+        manifest = None
+    return shard_urls(str(spec)), manifest
+
+
+def normalisation(cfg: Config, manifest: dict | None, channels: int) -> tuple[list[float], list[float]]:
+    if cfg.data.mean is not None:
+        mean, std = cfg.data.mean, cfg.data.std
+    elif manifest and manifest.get("mean"):
+        mean, std = manifest["mean"], manifest["std"]
+    else:  # ImageNet statistics, the usual default
+        mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    if len(mean) == 1 and channels == 3:
+        mean, std = mean * 3, std * 3
+    if len(mean) != channels:
+        raise ConfigError(f"data.mean={mean} has {len(mean)} channels but backbone.in_chans={channels}: set data.mean and data.std to {channels} values")
+    return list(mean), list(std)
+
+
+def check_world_size(acc: Accelerator) -> None:
+    """Refuse a launch that started several processes that do not form one job (STACK.md: on a
+    CPU, `accelerate launch --multi_gpu` without ACCELERATE_USE_CPU=1 runs independent copies)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and acc.num_processes != launched:
+        raise RuntimeError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but they do not form one "
+            f"job (Accelerate sees {acc.num_processes}): on a machine without a GPU launch with "
+            f"ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {launched} ..."
+        )
+
+
+def set_cpu_threads(acc: Accelerator, cfg: Config) -> None:
+    """`accelerate launch` sets OMP_NUM_THREADS=1 on a machine without a GPU, which halves a
+    2-core CPU's speed: give each local process its share of the cores instead."""
+    if acc.device.type != "cpu":
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
+    torch.set_num_threads(cfg.train.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    t_start = time.time()
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum)
+    check_world_size(acc)
+    set_cpu_threads(acc, cfg)
+    main = acc.is_main_process
+    say = print if main else (lambda *a, **k: None)
+    run_dir = cfg.run_dir
+
+    # 1. model: the same initial weights on every rank
+    set_seed(cfg.train.seed)
+    objective = build_objective(cfg)
+    backbone = objective.backbone
+    global_batch = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
+    say(f"[vit-ssl] {cfg.objective['name']} on {cfg.backbone['name']} "
+        f"({sum(p.numel() for p in backbone.parameters()) / 1e6:.2f} M backbone parameters), "
+        f"{acc.num_processes} process(es) on {acc.device}, global batch {global_batch}, run dir {run_dir}")
+
+    # 2. data: uint8 batches from the shards, augmented on the device
+    urls, manifest = train_shards(cfg)
+    mean, std = normalisation(cfg, manifest, backbone.in_chans)
+    loader = ShardLoader(urls, batch_size=cfg.train.batch_size, image_size=cfg.data.load_size or backbone.image_size[0],
+                         channels=backbone.in_chans, seed=cfg.train.seed, rank=acc.process_index,
+                         world_size=acc.num_processes, num_workers=cfg.data.num_workers,
+                         shuffle_buffer=cfg.data.shuffle_buffer)
+    augment = DeviceAugment(objective.views, mean, std).to(acc.device)
+
+    # 3. optimizer
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(objective.parameter_groups(o.weight_decay), lr=o.lr, betas=tuple(o.betas))
+    model, optimizer = acc.prepare(objective, optimizer)
+
+    # 4. resume from the newest complete checkpoint, or start fresh
+    meta = {"objective": cfg.objective["name"], "preprocess": {"image_size": list(backbone.image_size),
+            "channels": backbone.in_chans, "mean": mean, "std": std}, "data": {"train": cfg.data.train, "test": cfg.data.test}}
+    start_step, latest = 0, ckpt_mod.latest_checkpoint(run_dir)
+    if latest is not None:
+        changed = config_mod.differences(config_mod.load(latest / "config.yaml"), cfg, ignore=RESUMABLE_CHANGES)
+        if changed:
+            raise ConfigError(f"{run_dir} holds a run with other settings ({', '.join(changed)}): "
+                              f"set train.run_name to start a new run, or restore those settings to resume")
+        start_step, position = ckpt_mod.load_checkpoint(acc, latest)
+        if position is not None:
+            loader.load_state_dict(position)
+        else:
+            say(f"[vit-ssl] {latest.name} was written by another number of processes: the data stream restarts its epoch")
+        say(f"[vit-ssl] resumed from {latest} at step {start_step}")
+    else:
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            config_mod.save(cfg, run_dir / "config.yaml")
+        set_seed(cfg.train.seed + acc.process_index)  # different masks and crops on each rank
+    tracker = RunLog(run_dir, cfg) if main else None
+    scores: dict[str, dict] = {}
+    scorable = cfg.eval.knn and (cfg.data.train is None or cfg.data.test is not None)
+    if latest is None and scorable:
+        ckpt0 = ckpt_mod.save_checkpoint(acc, run_dir, 0, model, cfg, loader.state_dict(), meta)
+        scores["random_init"] = score(ckpt0, cfg, tracker) if main else {}
+        acc.wait_for_everyone()
+
+    # 5. the loop
+    data = iter(loader)
+    loss_sum, loss_n, images, t_log = torch.zeros((), device=acc.device), 0, 0, time.time()
+    bar = progress_bar(cfg, start_step, main)
+    model.train()
+    end = min(cfg.train.total_steps, cfg.train.stop_at or cfg.train.total_steps)
+    for step in range(start_step, end):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(cfg.train.grad_accum):
+            batch = next(data)
+            with torch.no_grad():
+                views = augment(batch.images.to(acc.device, non_blocking=True))
+            with acc.accumulate(model):
+                out = model({"views": views, "labels": batch.labels.to(acc.device)})
+                acc.backward(out["loss"])
+                if acc.sync_gradients and o.clip_grad:
+                    acc.clip_grad_norm_(model.parameters(), o.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += out["loss"].detach()
+            loss_n += 1
+            images += batch.images.shape[0]
+        acc.unwrap_model(model).on_step(step + 1, cfg.train.total_steps)
+        done = step + 1
+
+        if done % cfg.train.log_every == 0 or done == cfg.train.total_steps:
+            loss = acc.reduce(loss_sum / loss_n, reduction="mean").item()
+            skipped = acc.reduce(torch.tensor(float(loader.skipped), device=acc.device), reduction="sum").item()
+            img_s = images * acc.num_processes / (time.time() - t_log)
+            if main:
+                tracker.log({"loss": loss, "lr": lr, "images_per_s": img_s, "data/skipped": skipped}, done)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
+            loss_sum.zero_()
+            loss_n, images, t_log = 0, 0, time.time()
+        bar.update(1)
+        if done % cfg.train.ckpt_every == 0 or done == end:
+            ckpt_mod.save_checkpoint(acc, run_dir, done, model, cfg, loader.state_dict(), meta)
+    bar.close()
+
+    # 6. score the final checkpoint and say where everything is
+    final = ckpt_mod.latest_checkpoint(run_dir)
+    finished = end == cfg.train.total_steps
+    if main and finished and scorable:
+        scores["final"] = score(final, cfg, tracker)
+    acc.wait_for_everyone()
+    result = {"run_dir": str(run_dir), "checkpoint": str(final), "scores": scores, "finished": finished,
+              "step": end, "objective": acc.unwrap_model(model),
+              "minutes": (time.time() - t_start) / 60, "world_size": acc.num_processes}
+    if main:
+        result["mlflow_run_id"] = tracker.run_id
+        tracker.finish(result)
+        print(summary(result, cfg, tracker))
+    return result
+
+
+def score(ckpt: Path, cfg: Config, tracker: RunLog) -> dict[str, float]:
+    """kNN of one checkpoint on the built-in test split, logged at the checkpoint's step."""
+    from eval.run import score_checkpoint
+
+    t = time.time()
+    scores = score_checkpoint(ckpt, knn=True, linear=False, ks=(cfg.eval.knn_k,),
+                              train_samples=cfg.eval.knn_train_samples, fashion_mnist_dir=cfg.data.fashion_mnist_dir)
+    tracker.log(scores, ckpt_mod.checkpoint_step(ckpt))
+    print(f"[vit-ssl] {ckpt.name}: kNN top-1@{cfg.eval.knn_k} = {100 * scores[f'knn/top1@{cfg.eval.knn_k}']:.2f} % "
+          f"({time.time() - t:.0f} s)")
+    return scores
+
+
+def progress_bar(cfg: Config, start: int, main: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.train.total_steps, initial=start, unit="step", dynamic_ncols=True,
+                disable=not (main and cfg.train.progress), mininterval=1.0 if sys.stderr.isatty() else 10.0)
+
+
+def summary(result: dict, cfg: Config, tracker: RunLog) -> str:
+    k = f"knn/top1@{cfg.eval.knn_k}"
+    lines = [
+        "",
+        f"run directory : {result['run_dir']}",
+        f"checkpoint    : {result['checkpoint']}",
+        f"MLflow run    : {tracker.run_id}  (tracking URI {tracker.uri}; browse: mlflow ui --backend-store-uri {tracker.uri})",
+        f"time          : {result['minutes']:.1f} min on {result['world_size']} process(es)",
+    ]
+    if not result["finished"]:
+        lines.append(f"stopped at    : step {result['step']} of {cfg.train.total_steps}; relaunch the same command to go on")
+    s = result["scores"]
+    if "final" in s:
+        bank = f"{cfg.eval.knn_train_samples:,}" if cfg.eval.knn_train_samples else "all"
+        line = f"kNN top-1     : {100 * s['final'][k]:.2f} % trained"
+        if s.get("random_init"):
+            line += f"  vs  {100 * s['random_init'][k]:.2f} % at random init"
+        where = "Fashion-MNIST test split" if cfg.data.train is None else f"test shards {cfg.data.test}"
+        lines.append(line + f"  (k={cfg.eval.knn_k}, {where}, memory bank of {bank} train images)")
+    return "\n".join(lines)
