@@ -78,12 +78,15 @@ def test_relaunch_with_other_training_settings_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_mae_learns_on_real_fashion_mnist(tmp_path):
-    proc = run_pretrain(*TINY, f"train.out_dir={tmp_path}", "train.total_steps=150", "train.log_every=10",
-                        "train.ckpt_every=150", "backbone.patch_size=4", "backbone.dim=64", "backbone.heads=4",
-                        "objective.decoder_dim=64", "optim.warmup_steps=10", "train.batch_size=64",
-                        "eval.knn_train_samples=5000")
+    """About a minute of MAE on real Fashion-MNIST: the loss falls clearly and the kNN score of the
+    backbone rises well above the same backbone's score at random initialisation (measured: 56.6 %
+    -> 62.6 % with a 5,000-image memory bank)."""
+    run_pretrain(*TINY, f"train.out_dir={tmp_path}", "train.total_steps=300", "train.log_every=20",
+                 "train.ckpt_every=300", "backbone.patch_size=4", "backbone.dim=64", "backbone.depth=3",
+                 "backbone.heads=4", "objective.decoder_dim=64", "optim.warmup_steps=20", "optim.lr=2e-3",
+                 "train.batch_size=128", "eval.knn_train_samples=5000")
     client, (run,) = mlflow_runs(tmp_path)
     loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
-    assert loss[-1] < 0.6 * loss[0], f"loss did not fall clearly: {loss}"
+    assert loss[-1] < 0.5 * loss[0], f"loss did not fall clearly: {loss}"
     knn = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "knn/top1_k20")}
-    print(proc.stdout[-600:], loss, knn)
+    assert knn[300] > knn[0] + 0.03, f"kNN top-1 did not improve on random init: {knn}"
