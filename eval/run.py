@@ -119,9 +119,34 @@ def _builtin_data(train_samples: int | None, root: str | os.PathLike | None) -> 
     )
 
 
+def reservoir_sample(batches: Iterable[Pair], n: int, seed: int) -> Pair:
+    """A uniform random sample of `n` (image, label) pairs from a stream of batches, in one pass
+    and with memory for `n` images only (shards are often written class by class, so the first
+    `n` samples would be a biased memory bank)."""
+    gen = torch.Generator().manual_seed(seed)
+    images: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    seen = 0
+    for imgs, labs in batches:
+        for i in range(imgs.shape[0]):
+            if seen < n:
+                if images is None:
+                    images = imgs.new_empty((n, *imgs.shape[1:]))
+                    labels = labs.new_empty((n,))
+                slot = seen
+            else:
+                slot = int(torch.randint(0, seen + 1, (), generator=gen))
+            if slot < n:
+                images[slot], labels[slot] = imgs[i], labs[i]
+            seen += 1
+    if images is None:
+        raise ValueError("the train shards yielded no samples for the kNN memory bank")
+    return images[: min(seen, n)], labels[: min(seen, n)]
+
+
 def _shard_data(spec: dict[str, Any], preprocess: dict[str, Any], train_samples: int | None, batch_size: int) -> EvalData:
-    """Shards named in backbone.json's 'data', read without shuffling; train = the first `train_samples`
-    the loader yields (its order is a fixed function of the shards and the worker count)."""
+    """Shards named in backbone.json's 'data', read without shuffling; train = a seeded uniform
+    random sample of `train_samples` of them (reservoir sampling), or all."""
     from data.shards import read_manifest, shard_urls
     from data.stream import ShardLoader
 
@@ -138,16 +163,11 @@ def _shard_data(spec: dict[str, Any], preprocess: dict[str, Any], train_samples:
             num_workers=min(2, len(shard_urls(spec[which]))),
         )
 
-        def gen():
-            seen = 0
-            for batch in loader.iter_epoch(0):
-                if limit is not None and seen >= limit:
-                    return
-                take = batch.images.shape[0] if limit is None else min(batch.images.shape[0], limit - seen)
-                seen += take
-                yield batch.images[:take], batch.labels[:take]
+        pairs = ((batch.images, batch.labels) for batch in loader.iter_epoch(0))
+        if limit is None:
+            return pairs
+        return [reservoir_sample(pairs, limit, SUBSET_SEED)]
 
-        return gen()
 
     try:
         num_classes = len(read_manifest(spec["train"])["classes"])

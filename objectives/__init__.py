@@ -1,5 +1,13 @@
-"""Objectives, each one file, registered by name: `objectives.create("mae", backbone, mask_ratio=0.75)`."""
-from . import mae  # noqa: F401  (registers "mae")
+"""Objectives, each one file, registered by name: `objectives.create("mae", backbone, mask_ratio=0.75)`.
+
+Every module of this package is imported here, so adding an objective is adding its file."""
+import importlib
+import pkgutil
+
 from .base import Objective, create, list_objectives, register
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["Objective", "create", "list_objectives", "register"]

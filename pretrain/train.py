@@ -110,7 +110,7 @@ def train(cfg: Config) -> dict[str, Any]:
     check_world_size(acc)
     set_cpu_threads(acc, cfg)
     main = acc.is_main_process
-    say = print if main else (lambda *a, **k: None)
+    say = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
     run_dir = cfg.run_dir
 
     # 1. model: the same initial weights on every rank
@@ -230,7 +230,7 @@ def score(ckpt: Path, cfg: Config, tracker: RunLog) -> dict[str, float]:
                               train_samples=cfg.eval.knn_train_samples, fashion_mnist_dir=cfg.data.fashion_mnist_dir)
     tracker.log(scores, ckpt_mod.checkpoint_step(ckpt))
     print(f"[vit-ssl] {ckpt.name}: kNN top-1@{cfg.eval.knn_k} = {100 * scores[f'knn/top1@{cfg.eval.knn_k}']:.2f} % "
-          f"({time.time() - t:.0f} s)")
+          f"({time.time() - t:.0f} s)", flush=True)
     return scores
 
 

@@ -39,7 +39,7 @@ def test_invalid_settings_fail_before_work(override, message):
 
 @pytest.mark.parametrize("override, message", [
     ("backbone.image_size=30", "backbone.image_size=30 is not divisible by patch_size=4"),
-    ("backbone.name=resnet", "unknown backbone 'resnet'; registered backbones are: simple_vit, vit"),
+    ("backbone.name=resnet", "unknown backbone 'resnet'; registered backbones are: .*simple_vit, vit"),
     ("objective.mask_ratio=1.5", "objective.mask_ratio=1.5 must be strictly between 0 and 1"),
 ])
 def test_component_errors_name_the_config_field(override, message):
@@ -52,7 +52,7 @@ def test_unknown_objective_and_recipe():
     with pytest.raises(ConfigError, match="recipe='byol' not found"):
         build_config("byol")
     cfg = build_config(None, "tiny", ["objective.name=byol"])
-    with pytest.raises(ConfigError, match="unknown objective 'byol'; registered objectives are: mae"):
+    with pytest.raises(ConfigError, match="unknown objective .byol.; registered objectives are: .*mae"):
         build_objective(cfg)
 
 

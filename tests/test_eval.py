@@ -341,5 +341,20 @@ def test_score_checkpoint_on_the_runs_shards(tmp_path):
     test_feats, _ = extract_features(tiny_vit(), xte, yte, PREPROCESS)
     want = knn_accuracy(train_feats, ytr, test_feats, yte, num_classes=10, ks=(5,))  # order-free: same sets
     assert got == pytest.approx({f"knn/{k}": v for k, v in want.items()})
-    subset = score_checkpoint(ckpt, knn=True, ks=(5,), train_samples=100)  # the first 100 the loader yields
+    subset = score_checkpoint(ckpt, knn=True, ks=(5,), train_samples=100)  # a seeded random 100 of them
     assert len(list((ckpt / "features").iterdir())) == 3 and subset != got
+
+
+def test_reservoir_sample_is_uniform_over_a_stream_written_class_by_class():
+    from eval.run import reservoir_sample
+
+    labels = torch.arange(10).repeat_interleave(1000)  # 10 classes, sorted, as an image folder writes them
+    images = torch.arange(10_000, dtype=torch.int64)[:, None]
+    stream = ((images[i : i + 256], labels[i : i + 256]) for i in range(0, 10_000, 256))
+    x, y = reservoir_sample(stream, 2000, seed=0)
+    assert x.shape == (2000, 1) and len(set(x[:, 0].tolist())) == 2000  # distinct samples
+    assert torch.equal(labels[x[:, 0]], y)  # images and labels stay paired
+    counts = torch.bincount(y, minlength=10)
+    assert counts.min() > 150 and counts.max() < 250, counts  # about 200 of every class, not the first 2
+    again = ((images[i : i + 256], labels[i : i + 256]) for i in range(0, 10_000, 256))
+    assert torch.equal(reservoir_sample(again, 2000, seed=0)[0], x)  # seeded: the same bank every time
