@@ -15,6 +15,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (accelerate launch pretrain/run.py): find the project
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data.builtin import DatasetNotFoundError  # noqa: E402
 from pretrain.config import ConfigError, build_config, list_recipes  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         from accelerate import PartialState
 
         PartialState().destroy_process_group()
-    except ConfigError as e:
+    except (ConfigError, DatasetNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

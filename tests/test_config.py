@@ -89,3 +89,12 @@ def test_lr_schedule_warms_up_then_follows_a_cosine():
     assert lr_at(60, cfg) == pytest.approx(0.5)
     assert lr_at(110, cfg) == pytest.approx(0.0, abs=1e-12)
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 110))
+
+
+def test_missing_built_in_dataset_names_the_fix(root, tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MLFLOW_")}
+    env.update(VIT_SSL_FASHION_MNIST=str(tmp_path / "nowhere"), VIT_SSL_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "pretrain/run.py", "--recipe", "tiny", f"train.out_dir={tmp_path}"],
+                          cwd=root, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2
+    assert "apt-get install dataset-fashion-mnist" in proc.stderr and "Traceback" not in proc.stderr
