@@ -79,6 +79,9 @@ class Objective(nn.Module):
         """batch = {"views": [float (B, C, H, W), ...], "labels": (B,)} -> {"loss": scalar, ...}."""
         raise NotImplementedError
 
+    def set_normalisation(self, mean: list[float], std: list[float]) -> None:
+        """The data stage says how the views were normalised (MPP needs raw colours back)."""
+
     def on_step(self, step: int, total_steps: int) -> None:
         """Called after every optimizer step; schedules are pure functions of the global step."""
 

@@ -130,6 +130,7 @@ def train(cfg: Config) -> dict[str, Any]:
                          world_size=acc.num_processes, num_workers=cfg.data.num_workers,
                          shuffle_buffer=cfg.data.shuffle_buffer)
     augment = DeviceAugment(objective.views, mean, std).to(acc.device)
+    objective.set_normalisation(mean, std)
 
     # 3. optimizer
     o = cfg.optim
@@ -166,7 +167,8 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # 5. the loop
     data = iter(loader)
-    loss_sum, loss_n, images, t_log = torch.zeros((), device=acc.device), 0, 0, time.time()
+    sums: dict[str, torch.Tensor] = {}  # every scalar the objective returns, summed until logged
+    n, images, t_log = 0, 0, time.time()
     bar = progress_bar(cfg, start_step, main)
     model.train()
     end = min(cfg.train.total_steps, cfg.train.stop_at or cfg.train.total_steps)
@@ -185,21 +187,22 @@ def train(cfg: Config) -> dict[str, Any]:
                     acc.clip_grad_norm_(model.parameters(), o.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += out["loss"].detach()
-            loss_n += 1
+            for key, value in out.items():
+                value = torch.as_tensor(value, device=acc.device).detach().float()
+                sums[key] = sums[key] + value if key in sums else value
+            n += 1
             images += batch.images.shape[0]
         acc.unwrap_model(model).on_step(step + 1, cfg.train.total_steps)
         done = step + 1
 
         if done % cfg.train.log_every == 0 or done == cfg.train.total_steps:
-            loss = acc.reduce(loss_sum / loss_n, reduction="mean").item()
+            metrics = {k: acc.reduce(v / n, reduction="mean").item() for k, v in sorted(sums.items())}
             skipped = acc.reduce(torch.tensor(float(loader.skipped), device=acc.device), reduction="sum").item()
             img_s = images * acc.num_processes / (time.time() - t_log)
             if main:
-                tracker.log({"loss": loss, "lr": lr, "images_per_s": img_s, "data/skipped": skipped}, done)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
-            loss_sum.zero_()
-            loss_n, images, t_log = 0, 0, time.time()
+                tracker.log({**metrics, "lr": lr, "images_per_s": img_s, "data/skipped": skipped}, done)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
+            sums, n, images, t_log = {}, 0, 0, time.time()
         bar.update(1)
         if done % cfg.train.ckpt_every == 0 or done == end:
             ckpt_mod.save_checkpoint(acc, run_dir, done, model, cfg, loader.state_dict(), meta)

@@ -240,7 +240,7 @@ def test_parameter_groups_skip_the_teacher_and_decay_no_prototypes():
 def test_the_cli_trains_three_steps(tmp_path):
     run_pretrain("--objective", "dino", "train.total_steps=3", "optim.warmup_steps=1", "train.batch_size=16",
                  "backbone.dim=32", "backbone.depth=2", "backbone.heads=2", "objective.out_dim=256",
-                 "objective.head_hidden_dim=64", "data.num_workers=1", "train.log_every=1", "train.progress=false",
+                 "objective.head_hidden_dim=64", "data.num_workers=0", "train.log_every=1", "train.progress=false",
                  f"train.out_dir={tmp_path}", "eval.knn=false", timeout=300)
     ckpt = only_run_dir(tmp_path) / "checkpoints" / "step-000003"
     assert (ckpt / "backbone.safetensors").is_file()
