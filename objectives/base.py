@@ -10,6 +10,7 @@ import inspect
 from typing import Any, Callable
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from backbones import Backbone, CapabilityError
@@ -69,6 +70,21 @@ class Objective(nn.Module):
     @classmethod
     def serves(cls, backbone: Backbone) -> bool:
         return all(getattr(backbone, flag, False) for flag in cls.requires)
+
+    # -- helpers for objectives that work on pixels and patches -----------------------------
+    def square_view_size(self) -> int:
+        h, w = self.backbone.image_size
+        if h != w:
+            raise ValueError(f"image_size={self.backbone.image_size}: the augmentation makes square views only")
+        return h
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        p = self.backbone.patch_size
+        return rearrange(imgs, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p)  # (B, N, p*p*C)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        p, (gh, gw) = self.backbone.patch_size, self.backbone.grid_size
+        return rearrange(x, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=gh, w=gw, p1=p, p2=p)  # (B, C, H, W)
 
     @property
     def views(self) -> list[ViewSpec]:

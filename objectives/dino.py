@@ -197,10 +197,7 @@ class DINO(Objective):
         for name, value, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{name}={value!r} is invalid; it must be {allowed}")
-        h, w = backbone.image_size
-        if h != w:
-            raise ValueError(f"image_size={backbone.image_size}: the augmentation makes square views only")
-        self.global_size = int(global_size or h)
+        self.global_size = int(global_size or self.square_view_size())
         self.local_size = int(local_size or self.global_size)
         self.num_local = num_local
         self.teacher_temp_start, self.teacher_temp_end = teacher_temp_start, teacher_temp

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from backbones import Backbone
@@ -58,23 +57,12 @@ class MAE(Objective):
 
     @property
     def views(self) -> list[ViewSpec]:
-        h, w = self.backbone.image_size
-        if h != w:
-            raise ValueError(f"image_size={self.backbone.image_size}: the augmentation makes square views only")
-        return [ViewSpec(size=h, scale=self.crop_scale, hflip=self.hflip)]
+        return [ViewSpec(size=self.square_view_size(), scale=self.crop_scale, hflip=self.hflip)]
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token"}
 
     # -- the MAE steps --------------------------------------------------------------------
-    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        p = self.backbone.patch_size
-        return rearrange(imgs, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p)  # (B, N, p*p*C)
-
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        p, (gh, gw) = self.backbone.patch_size, self.backbone.grid_size
-        return rearrange(x, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=gh, w=gw, p1=p, p2=p)  # (B, C, H, W)
-
     def random_masking(self, batch: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A fresh random permutation per sample; the first `keep` of it stay visible.
 

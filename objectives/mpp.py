@@ -96,10 +96,7 @@ class MPP(Objective):
 
     @property
     def views(self) -> list[ViewSpec]:
-        h, w = self.backbone.image_size
-        if h != w:
-            raise ValueError(f"image_size={self.backbone.image_size}: the augmentation makes square views only")
-        return [ViewSpec(size=h, scale=self.crop_scale, hflip=self.hflip)]
+        return [ViewSpec(size=self.square_view_size(), scale=self.crop_scale, hflip=self.hflip)]
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token"}

@@ -77,23 +77,12 @@ class SimMIM(Objective):
 
     @property
     def views(self) -> list[ViewSpec]:
-        h, w = self.backbone.image_size
-        if h != w:
-            raise ValueError(f"image_size={self.backbone.image_size}: the augmentation makes square views only")
-        return [ViewSpec(size=h, scale=self.crop_scale, ratio=self.crop_ratio, hflip=self.hflip)]
+        return [ViewSpec(size=self.square_view_size(), scale=self.crop_scale, ratio=self.crop_ratio, hflip=self.hflip)]
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token"}
 
     # -- the SimMIM steps -----------------------------------------------------------------
-    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        p = self.backbone.patch_size
-        return rearrange(imgs, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p)  # (B, N, p*p*C)
-
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        p, (gh, gw) = self.backbone.patch_size, self.backbone.grid_size
-        return rearrange(x, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=gh, w=gw, p1=p, p2=p)  # (B, C, H, W)
-
     def random_block_mask(self, batch: int, device: torch.device) -> torch.Tensor:
         """Each sample masks its own `num_masked` random mask blocks, upsampled to the patch grid.
         Returns (B, N) float, 1 = masked, in patch order."""

@@ -6,10 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import backbones  # noqa: E402  (after the path is set)
 
 
 def tiny_vit_kwargs(**over):
@@ -21,3 +24,18 @@ def tiny_vit_kwargs(**over):
 @pytest.fixture
 def root() -> Path:
     return ROOT
+
+
+
+class PooledOnlyBackbone(backbones.Backbone):
+    """A backbone that offers only a pooled embedding (like a CNN or a hierarchical model), so it
+    has no token-level capability."""
+
+    embed_dim, patch_size, in_chans, image_size = 8, 4, 1, (28, 28)
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(28 * 28, 8)
+
+    def forward(self, x):
+        return self.net(x.flatten(1))

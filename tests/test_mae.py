@@ -8,7 +8,7 @@ import torch
 import backbones
 import objectives
 from backbones import CapabilityError
-from conftest import tiny_vit_kwargs
+from conftest import PooledOnlyBackbone, tiny_vit_kwargs
 
 
 def make(mask_ratio=0.75, norm_pix_loss=False, **bb):
@@ -127,22 +127,10 @@ def test_parameter_groups_exempt_norms_biases_positions_tokens():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(mae.parameters()))
 
 
-class NoTokens(backbones.Backbone):
-    """A backbone that only offers a pooled embedding (like a CNN or a hierarchical model)."""
-
-    embed_dim, patch_size, in_chans, image_size = 8, 4, 1, (28, 28)
-
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Linear(28 * 28, 8)
-
-    def forward(self, x):
-        return self.net(x.flatten(1))
-
 
 def test_refuses_backbone_without_token_drop():
     with pytest.raises(CapabilityError, match="needs a backbone with supports_token_drop"):
-        objectives.create("mae", NoTokens())
+        objectives.create("mae", PooledOnlyBackbone())
 
 
 def test_bad_hyperparameters_are_named():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import backbones
 import objectives
 from backbones import CapabilityError
-from conftest import tiny_vit_kwargs
+from conftest import PooledOnlyBackbone, tiny_vit_kwargs
 from helpers import only_run_dir, run_pretrain
 
 MEAN, STD = [0.2860], [0.3530]
@@ -165,20 +165,10 @@ def test_views_and_parameter_groups():
     assert "head.weight" in {names[id(p)] for p in decay["params"]}
 
 
-class NoTokens(backbones.Backbone):
-    embed_dim, patch_size, in_chans, image_size = 8, 4, 1, (28, 28)
-
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Linear(28 * 28, 8)
-
-    def forward(self, x):
-        return self.net(x.flatten(1))
-
 
 def test_refuses_backbone_without_mask_token():
     with pytest.raises(CapabilityError, match="needs a backbone with supports_mask_token"):
-        objectives.create("mpp", NoTokens())
+        objectives.create("mpp", PooledOnlyBackbone())
 
 
 def test_bad_hyperparameters_are_named():

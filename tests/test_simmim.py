@@ -8,7 +8,7 @@ import torch
 import backbones
 import objectives
 from backbones import CapabilityError
-from conftest import tiny_vit_kwargs
+from conftest import PooledOnlyBackbone, tiny_vit_kwargs
 from helpers import only_run_dir, run_pretrain
 from objectives.simmim import auto_mask_patch_size
 
@@ -132,22 +132,10 @@ def test_views_parameter_groups_and_export():
     assert sim.export_backbone() is sim.backbone
 
 
-class NoTokens(backbones.Backbone):
-    """A backbone that only offers a pooled embedding (like a CNN or a hierarchical model)."""
-
-    embed_dim, patch_size, in_chans, image_size = 8, 4, 1, (28, 28)
-
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Linear(28 * 28, 8)
-
-    def forward(self, x):
-        return self.net(x.flatten(1))
-
 
 def test_refuses_backbone_without_mask_token():
     with pytest.raises(CapabilityError, match="needs a backbone with supports_mask_token"):
-        objectives.create("simmim", NoTokens())
+        objectives.create("simmim", PooledOnlyBackbone())
 
 
 def test_bad_hyperparameters_are_named():
