@@ -98,6 +98,11 @@ class Objective(nn.Module):
     def set_normalisation(self, mean: list[float], std: list[float]) -> None:
         """The data stage says how the views were normalised (MPP needs raw colours back)."""
 
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimizer must leave alone this step: the trainer drops their gradient
+        (None, not zero, so AdamW neither moves them nor counts the step in their state)."""
+        return []
+
     def on_step(self, step: int, total_steps: int) -> None:
         """Called after every optimizer step; schedules are pure functions of the global step."""
 

@@ -220,8 +220,6 @@ class DINO(Objective):
             p.requires_grad_(False)
         # optimizer steps done (saved with the model, so a resumed run knows where its schedules are)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        # the last layer is frozen for the first steps: its gradient is zeroed (see no_weight_decay)
-        self.head.prototypes.register_hook(self._freeze_last_layer_hook)
         self._center_sum: torch.Tensor | None = None  # teacher outputs since the last on_step
         self._center_count = 0
         self._total_steps: int | None = None  # known from the first on_step (for the momentum metric)
@@ -265,15 +263,17 @@ class DINO(Objective):
     def student_parameters(self) -> list[nn.Parameter]:
         return list(self.backbone.parameters()) + list(self.head.parameters())
 
-    def no_weight_decay(self) -> set[str]:
-        # The prototypes take no weight decay, so that the freeze below is exact: with a zero
-        # gradient AdamW's update is 0, but decay would still shrink them. Their norm does not
-        # matter anyway (weight norm with gain 1 uses only their direction).
-        return super().no_weight_decay() | {"head.last_layer.parametrizations.weight.original1"}
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """The last layer (the prototypes) for the first `freeze_last_layer_steps` steps: the
+        trainer drops its gradient, so AdamW skips it entirely, as DINO's `cancel_gradients_last_layer`."""
+        return [self.head.prototypes] if int(self.step) < self.freeze_last_layer_steps else []
 
-    def _freeze_last_layer_hook(self, grad: torch.Tensor) -> torch.Tensor:
-        frozen = self.step < self.freeze_last_layer_steps  # a 0-d bool tensor: no host sync
-        return torch.where(frozen, torch.zeros_like(grad), grad)
+    def train(self, mode: bool = True) -> "DINO":
+        """The teacher always runs in eval mode (no dropout), whatever the student does."""
+        super().train(mode)
+        self.teacher_backbone.eval()
+        self.teacher_head.eval()
+        return self
 
     # -- schedules --------------------------------------------------------------------------
     def teacher_temp_at(self, step: int) -> float:

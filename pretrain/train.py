@@ -185,6 +185,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 acc.backward(out["loss"])
                 if acc.sync_gradients and o.clip_grad:
                     acc.clip_grad_norm_(model.parameters(), o.clip_grad)
+                for p in acc.unwrap_model(model).frozen_parameters():
+                    p.grad = None
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             for key, value in out.items():

@@ -218,22 +218,25 @@ def test_last_layer_is_frozen_for_the_first_steps_then_trains():
     for step in range(3):
         before, other = last.detach().clone(), dino.head.mlp[0].weight.detach().clone()
         dino(batch_for(dino))["loss"].backward()
+        for p in dino.frozen_parameters():  # what the trainer does before every optimizer step
+            p.grad = None
         opt.step()
         opt.zero_grad(set_to_none=True)
         dino.on_step(step + 1, 10)
         assert not torch.equal(dino.head.mlp[0].weight, other)  # the rest of the student trains
         if step < 2:
             assert torch.equal(last, before), f"the last layer moved at step {step}"
+            assert not opt.state[last], "AdamW counted a frozen step (its bias correction would be off)"
         else:
             assert not torch.equal(last, before), "the last layer did not train after the freeze"
+            assert int(opt.state[last]["step"]) == 1  # the first real step: Adam's usual step size
 
 
-def test_parameter_groups_skip_the_teacher_and_decay_no_prototypes():
+def test_parameter_groups_skip_the_teacher():
     dino = make()
     decay, no_decay = dino.parameter_groups(0.04)
     ids = {id(p) for g in (decay, no_decay) for p in g["params"]}
     assert ids == {id(p) for p in trainable(dino).values()}
-    assert id(dino.head.prototypes) in {id(p) for p in no_decay["params"]}
     assert id(dino.head.mlp[0].weight) in {id(p) for p in decay["params"]}
 
 
@@ -280,3 +283,11 @@ def test_the_centre_is_reduced_over_processes(tmp_path):
         torch.manual_seed(100 + rank)
         dino(batch_for(dino, B=2 + rank))
     assert torch.allclose(c0, 0.1 * torch.cat(seen).mean(0, keepdim=True), atol=1e-6)
+
+
+def test_teacher_stays_in_eval_mode_and_prototypes_take_weight_decay():
+    dino = make()
+    dino.train()
+    assert dino.backbone.training and not dino.teacher_backbone.training and not dino.teacher_head.training
+    decay, _ = dino.parameter_groups(0.04)
+    assert any(p is dino.head.prototypes for p in decay["params"])  # DINO decays the prototypes
