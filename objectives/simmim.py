@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from einops import rearrange, repeat
+from einops import repeat
 from torch import nn
 
 from backbones import Backbone
