@@ -3,13 +3,17 @@ from . import vit  # noqa: F401  (registers vit, simple_vit)
 from .base import (
     Backbone,
     CapabilityError,
+    Classifier,
     build_config,
     create,
     list_backbones,
     load,
+    load_classifier,
     load_meta,
     register,
     save,
+    save_head,
 )
 
-__all__ = ["Backbone", "CapabilityError", "build_config", "create", "list_backbones", "load", "load_meta", "register", "save"]
+__all__ = ["Backbone", "CapabilityError", "Classifier", "build_config", "create", "list_backbones", "load",
+           "load_classifier", "load_meta", "register", "save", "save_head"]

@@ -36,6 +36,8 @@ class Backbone(nn.Module):
     supports_token_drop: bool = False  # encoder can run on a subset of patches (MAE)
     supports_mask_token: bool = False  # patch tokens can be replaced before the blocks (SimMIM, MPP)
     attention_maps: bool = False  # attention can be recorded (pictures)
+    supports_any_size: bool = False  # forward / forward_features take other sizes (multiples of patch_size)
+    has_distill_token: bool = False  # a DeiT distillation token among the prefix tokens (distill_embedding)
 
     embed_dim: int
     patch_size: int
@@ -78,11 +80,24 @@ class Backbone(nn.Module):
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def distill_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The distillation token's output (B, D) from forward_features' tokens (has_distill_token)."""
+        raise ValueError(f"{type(self).__name__} has no distillation token")
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names (as in named_parameters) that take no weight decay besides norms and biases."""
         return set()
 
-    def check_input(self, x: torch.Tensor) -> None:
+    def check_input(self, x: torch.Tensor, any_size: bool = False) -> None:
+        """Refuse input of another shape; `any_size`: any height and width divisible by the patch size."""
+        if any_size and x.ndim == 4 and x.shape[1] == self.in_chans:
+            h, w = x.shape[-2:]
+            if h % self.patch_size == 0 and w % self.patch_size == 0 and h > 0 and w > 0:
+                return
+            raise ValueError(
+                f"input of shape {tuple(x.shape)}: height and width must be multiples of the patch size "
+                f"{self.patch_size}; resize or crop the input to such a size"
+            )
         if x.ndim != 4 or x.shape[1] != self.in_chans or tuple(x.shape[-2:]) != tuple(self.image_size):
             raise ValueError(
                 f"input of shape {tuple(x.shape)} does not fit this backbone, built for "
@@ -183,6 +198,77 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Backbone
     state = load_file(str(directory / WEIGHTS), device=str(map_location))
     model.load_state_dict(state, strict=True)
     return model
+
+
+# --------------------------------------------------------------------------- a backbone with a classifier head
+
+HEAD = "head.safetensors"
+
+
+class Classifier(nn.Module):
+    """A backbone and a linear head on its pooled embedding: (B, C, H, W) -> logits (B, K). With a
+    distillation head too (DeiT), the prediction is the mean of the class head on the pooled
+    embedding and the distillation head on the distillation token."""
+
+    def __init__(self, backbone: Backbone, head: nn.Linear, head_dist: nn.Linear | None = None):
+        super().__init__()
+        for h in (head, head_dist):
+            if h is not None and h.in_features != backbone.embed_dim:
+                raise ValueError(f"a head takes {h.in_features} features but the backbone gives {backbone.embed_dim}: "
+                                 "save the head with the backbone it was trained on")
+        if head_dist is not None and not backbone.has_distill_token:
+            raise ValueError("a distillation head needs a backbone with a distillation token (vit distill_token=True)")
+        self.backbone, self.head, self.head_dist = backbone, head, head_dist
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.head_dist is None:
+            return self.head(self.backbone(x))  # (B, K)
+        tokens = self.backbone.forward_features(x)  # (B, P+N, D)
+        cls_logits = self.head(self.backbone.pool(tokens))
+        return (cls_logits + self.head_dist(self.backbone.distill_embedding(tokens))) / 2  # (B, K)
+
+
+def save_head(head: nn.Linear, directory: str | Path, head_dist: nn.Linear | None = None) -> Path:
+    """Write a linear classifier head (and a DeiT distillation head, keys `dist.*`) beside a saved
+    backbone: `head.safetensors`."""
+    from safetensors.torch import save_file
+
+    state = dict(head.state_dict())
+    if head_dist is not None:
+        state.update({f"dist.{k}": v for k, v in head_dist.state_dict().items()})
+    path = Path(directory) / HEAD
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
+    return path
+
+
+def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
+    """A saved backbone with its head (a checkpoint of a supervised run, or an export with a head)."""
+    from safetensors.torch import load_file
+
+    directory = Path(path)
+    if not (directory / HEAD).is_file():
+        raise FileNotFoundError(
+            f"{directory} has a backbone but no classifier head ({HEAD}): use a checkpoint of a run with "
+            "labels (--objective supervised) or save a head beside the backbone with backbones.save_head()"
+        )
+    backbone = load(directory, map_location)
+    state = load_file(str(directory / HEAD), device=str(map_location))
+    if "weight" not in state or state["weight"].ndim != 2:
+        raise ValueError(f"{directory / HEAD} is not a linear head (expected 'weight' (K, D) and 'bias' (K,))")
+
+    def linear(prefix: str) -> nn.Linear:
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+        k, d = part["weight"].shape
+        layer = nn.Linear(d, k, bias="bias" in part)
+        layer.load_state_dict(part, strict=True)
+        return layer
+
+    head_dist = linear("dist.") if "dist.weight" in state else None
+    return Classifier(backbone, linear(""), head_dist)
 
 
 def image_size_2d(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:

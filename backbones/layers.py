@@ -110,6 +110,17 @@ def sincos_2d(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> 
     return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)[None]  # (1, N, D)
 
 
+def resize_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+    """Patch positions (1, gh*gw, D) of one grid resampled to another by bicubic interpolation
+    (antialiased when shrinking, as timm does): how a ViT takes DINO's small local crops."""
+    if tuple(old_grid) == tuple(new_grid):
+        return pos
+    grid = rearrange(pos, "1 (h w) d -> 1 d h w", h=old_grid[0], w=old_grid[1])
+    shrink = new_grid[0] < old_grid[0] or new_grid[1] < old_grid[1]
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=shrink)
+    return rearrange(grid, "1 d h w -> 1 (h w) d").to(pos.dtype)  # (1, h'*w', D)
+
+
 def init_weights(module: nn.Module) -> None:
     """Xavier-uniform linears, zero biases, unit norms (MAE / timm ViT initialisation)."""
     if isinstance(module, nn.Linear):
@@ -138,6 +149,6 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "Attention", "Mlp", "Block", "transformer", "PatchEmbed", "grid_size", "sincos_2d",
+    "Attention", "Mlp", "Block", "transformer", "PatchEmbed", "grid_size", "sincos_2d", "resize_pos_embed",
     "init_weights", "init_patch_embed", "trunc_normal_", "gather_tokens", "to_2tuple",
 ]

@@ -1,6 +1,8 @@
 """ViT (Dosovitskiy et al., 2020) and SimpleViT (Beyer et al., 2022).
 
 One class: SimpleViT is a ViT with fixed 2-D sin-cos positions, no class token and mean pooling.
+With `distill_token=True` a ViT carries DeiT's distillation token after its class token (prefix
+tokens [cls, dist], positions for both, as timm's VisionTransformerDistilled).
 Parameter names match timm's VisionTransformer, so weights move between the two unchanged.
 """
 from __future__ import annotations
@@ -9,7 +11,8 @@ import torch
 from torch import nn
 
 from .base import Backbone, image_size_2d, register
-from .layers import PatchEmbed, init_patch_embed, init_weights, sincos_2d, transformer, trunc_normal_
+from .layers import (PatchEmbed, init_patch_embed, init_weights, resize_pos_embed, sincos_2d, transformer,
+                     trunc_normal_)
 
 # name -> (dim, depth, heads), as in the ViT / DeiT papers
 SIZES = {
@@ -24,6 +27,7 @@ class ViT(Backbone):
     supports_token_drop = True
     supports_mask_token = True
     attention_maps = True
+    supports_any_size = True  # forward at other sizes interpolates the positions (DINO's local crops)
 
     def __init__(
         self,
@@ -40,8 +44,11 @@ class ViT(Backbone):
         pos_embed: str = "learned",
         pool: str = "cls",
         drop: float = 0.0,
+        distill_token: bool = False,
     ):
         super().__init__()
+        if distill_token and not class_token:
+            raise ValueError("distill_token=True needs a class token (DeiT): use the vit backbone, not simple_vit")
         if size not in SIZES:
             raise ValueError(f"size={size!r} is not one of {', '.join(SIZES)}; or set dim, depth and heads")
         if pool not in ("cls", "mean"):
@@ -57,11 +64,13 @@ class ViT(Backbone):
 
         self.image_size = image_size_2d(image_size)
         self.patch_size, self.in_chans, self.embed_dim = patch_size, in_chans, dim
-        self.num_prefix_tokens = int(class_token)
+        self.num_prefix_tokens = int(class_token) + int(distill_token)
+        self.has_distill_token = distill_token
         self.pool_type = pool
 
         self.patch_embed = PatchEmbed(self.image_size, patch_size, in_chans, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)) if distill_token else None
         n_pos = self.num_patches + self.num_prefix_tokens
         if pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, dim))
@@ -80,6 +89,16 @@ class ViT(Backbone):
             trunc_normal_(self.pos_embed)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
+        if self.dist_token is not None:
+            trunc_normal_(self.dist_token)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the final norm at the built size or any other multiple of the patch size
+        (the patch positions are then resampled to the input's grid)."""
+        self.check_input(x, any_size=True)
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        pos = resize_pos_embed(self.patch_positions(), self.grid_size, grid)  # (1, gh*gw, D)
+        return self.forward_tokens(self.patch_embed(x) + pos)  # (B, P+gh*gw, D)
 
     # -- token-level protocol ------------------------------------------------------------
     def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,9 +109,10 @@ class ViT(Backbone):
         return self.pos_embed[:, self.num_prefix_tokens :]  # (1, N, D)
 
     def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.cls_token is not None:
-            cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)  # (B, 1, D)
-            tokens = torch.cat([cls, tokens], dim=1)  # (B, 1+n, D)
+        prefix = [t for t in (self.cls_token, self.dist_token) if t is not None]
+        if prefix:
+            prefix = torch.cat(prefix, dim=1) + self.pos_embed[:, : self.num_prefix_tokens]  # (1, P, D)
+            tokens = torch.cat([prefix.expand(tokens.shape[0], -1, -1), tokens], dim=1)  # (B, P+n, D)
         for block in self.blocks:
             tokens = block(tokens)
         return self.norm(tokens)
@@ -102,8 +122,13 @@ class ViT(Backbone):
             return tokens[:, 0]
         return tokens[:, self.num_prefix_tokens :].mean(dim=1)
 
+    def distill_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.has_distill_token:
+            raise ValueError("this ViT has no distillation token: build it with distill_token=True")
+        return tokens[:, 1]  # (B, D)
+
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token", "dist_token"}
 
 
 @register("vit")
@@ -119,10 +144,12 @@ def vit(
     qkv_bias: bool = True,
     pool: str = "cls",
     drop: float = 0.0,
+    distill_token: bool = False,
 ) -> ViT:
-    """ViT: learned positions, a class token, pooling by class token ('cls') or mean of patches."""
+    """ViT: learned positions, a class token, pooling by class token ('cls') or mean of patches;
+    `distill_token=True` adds DeiT's distillation token (for the distill objective)."""
     return ViT(image_size, patch_size, in_chans, size, dim, depth, heads, mlp_ratio, qkv_bias,
-               class_token=True, pos_embed="learned", pool=pool, drop=drop)
+               class_token=True, pos_embed="learned", pool=pool, drop=drop, distill_token=distill_token)
 
 
 @register("simple_vit")

@@ -4,10 +4,10 @@ Every module of this package is imported here, so adding an objective is adding 
 import importlib
 import pkgutil
 
-from .base import Objective, create, list_objectives, register
+from .base import Objective, create, list_objectives, objective_class, register
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["Objective", "create", "list_objectives", "register"]
+__all__ = ["Objective", "create", "list_objectives", "objective_class", "register"]

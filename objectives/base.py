@@ -34,11 +34,15 @@ def list_objectives() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create(name: str, backbone: Backbone, **hparams: Any) -> "Objective":
-    """Build a registered objective around `backbone`; unknown hyper-parameters are refused."""
+def objective_class(name: str) -> type["Objective"]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown objective {name!r}; registered objectives are: {', '.join(list_objectives())}")
-    cls = _REGISTRY[name]
+    return _REGISTRY[name]
+
+
+def create(name: str, backbone: Backbone, **hparams: Any) -> "Objective":
+    """Build a registered objective around `backbone`; unknown hyper-parameters are refused."""
+    cls = objective_class(name)
     params = inspect.signature(cls.__init__).parameters
     unknown = [k for k in hparams if k not in params or k in ("self", "backbone")]
     if unknown:
@@ -51,6 +55,8 @@ class Objective(nn.Module):
     name: str = ""
     #: capability flags of the backbone this objective needs (see backbones.base.Backbone)
     requires: tuple[str, ...] = ()
+    #: trains on the shards' labels; takes `num_classes` (the trainer fills it from the manifest)
+    uses_labels: bool = False
 
     def __init__(self, backbone: Backbone):
         super().__init__()
@@ -103,12 +109,22 @@ class Objective(nn.Module):
         (None, not zero, so AdamW neither moves them nor counts the step in their state)."""
         return []
 
+    def set_total_steps(self, total_steps: int) -> None:
+        """Told by the trainer before the first step (fresh or resumed): the run's length, for
+        schedules set as a share of it."""
+
     def on_step(self, step: int, total_steps: int) -> None:
         """Called after every optimizer step; schedules are pure functions of the global step."""
 
     def export_backbone(self) -> Backbone:
         """The weights a user takes away."""
         return self.backbone
+
+    def export_heads(self) -> dict[str, nn.Linear]:
+        """The classifier heads on the exported backbone, when the objective trains them: "head" on
+        the pooled embedding and, for DeiT, "head_dist" on the distillation token. Saved beside the
+        backbone (`head.safetensors`), so a checkpoint classifies and can teach a distillation run."""
+        return {}
 
     def no_weight_decay(self) -> set[str]:
         """Names (as in named_parameters of this module) exempt from weight decay besides norms and biases."""

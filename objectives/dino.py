@@ -168,7 +168,7 @@ class DINO(Objective):
         student_temp: float = 0.1,
         teacher_temp: float = 0.07,
         teacher_temp_start: float = 0.04,
-        teacher_temp_warmup_steps: int = 0,
+        teacher_temp_warmup_steps: int | None = None,
         center_momentum: float = 0.9,
         momentum_teacher: float = 0.996,
         freeze_last_layer_steps: int = 0,
@@ -187,7 +187,9 @@ class DINO(Objective):
             ("student_temp", student_temp, student_temp > 0, "> 0"),
             ("teacher_temp", teacher_temp, teacher_temp > 0, "> 0"),
             ("teacher_temp_start", teacher_temp_start, teacher_temp_start > 0, "> 0"),
-            ("teacher_temp_warmup_steps", teacher_temp_warmup_steps, teacher_temp_warmup_steps >= 0, ">= 0"),
+            ("teacher_temp_warmup_steps", teacher_temp_warmup_steps,
+             teacher_temp_warmup_steps is None or teacher_temp_warmup_steps >= 0,
+             ">= 0, or None for the first 30 % of the run (the paper's 30 of 100 epochs)"),
             ("center_momentum", center_momentum, 0 <= center_momentum < 1, "in [0, 1)"),
             ("momentum_teacher", momentum_teacher, 0 <= momentum_teacher <= 1, "in [0, 1]"),
             ("freeze_last_layer_steps", freeze_last_layer_steps, freeze_last_layer_steps >= 0, ">= 0"),
@@ -201,7 +203,7 @@ class DINO(Objective):
         self.local_size = int(local_size or self.global_size)
         self.num_local = num_local
         self.teacher_temp_start, self.teacher_temp_end = teacher_temp_start, teacher_temp
-        self.teacher_temp_warmup_steps = teacher_temp_warmup_steps
+        self.teacher_temp_warmup_steps = teacher_temp_warmup_steps  # None: 30 % of the run (set_total_steps)
         self.momentum_teacher = momentum_teacher
         self.freeze_last_layer_steps = freeze_last_layer_steps
         self._aug = dict(hflip=hflip, color_jitter=tuple(color_jitter), color_jitter_p=color_jitter_p,
@@ -222,7 +224,7 @@ class DINO(Objective):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self._center_sum: torch.Tensor | None = None  # teacher outputs since the last on_step
         self._center_count = 0
-        self._total_steps: int | None = None  # known from the first on_step (for the momentum metric)
+        self._total_steps: int | None = None  # set_total_steps (the warm-up share and the momentum schedule)
 
     # -- setup ----------------------------------------------------------------------------
     def _check_sizes(self, backbone: Backbone) -> None:
@@ -238,8 +240,8 @@ class DINO(Objective):
             except (ValueError, RuntimeError) as e:
                 raise ValueError(
                     f"{name}={size}: the backbone (image_size={backbone.image_size[0]}) does not take "
-                    f"{size}-px input ({e}); set {name}={backbone.image_size[0]}, or use a backbone that "
-                    "accepts other sizes (e.g. with position-embedding interpolation)"
+                    f"{size}-px input ({e}); set {name} to a size it takes ({backbone.image_size[0]}, or on a "
+                    "backbone with supports_any_size such as vit any multiple of its patch size)"
                 ) from None
             finally:
                 backbone.train(was_training)
@@ -276,8 +278,18 @@ class DINO(Objective):
         return self
 
     # -- schedules --------------------------------------------------------------------------
+    def set_total_steps(self, total_steps: int) -> None:
+        self._total_steps = total_steps
+
+    def warmup_steps(self) -> int:
+        if self.teacher_temp_warmup_steps is not None:
+            return self.teacher_temp_warmup_steps
+        if self._total_steps is None:
+            raise RuntimeError("teacher_temp_warmup_steps=None is 30 % of the run: call set_total_steps(total) first")
+        return round(0.3 * self._total_steps)
+
     def teacher_temp_at(self, step: int) -> float:
-        return teacher_temperature(step, self.teacher_temp_start, self.teacher_temp_end, self.teacher_temp_warmup_steps)
+        return teacher_temperature(step, self.teacher_temp_start, self.teacher_temp_end, self.warmup_steps())
 
     def momentum_at(self, step: int, total_steps: int) -> float:
         return teacher_momentum(step, total_steps, self.momentum_teacher)

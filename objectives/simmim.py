@@ -9,11 +9,16 @@ Mask geometry. The paper masks 32 x 32 px blocks of a 224 px image, i.e. a 7 x 7
 blocks. `mask_patch_size=None` keeps that geometry at any resolution: it takes the multiple of the
 patch size that divides the image and is closest to image_size / 7 (ties: the smaller). At 224 px
 with 16 or 4 px patches that is 32 px; at 28 px with 4 px patches it is 4 px, one patch per block,
-which again makes 7 x 7 = 49 blocks of which round(0.6 * 49) = 29 are masked.
+which again makes 7 x 7 = 49 blocks of which ceil(0.6 * 49) = 30 are masked (the reference code
+rounds up). A single-patch block is vit-pytorch's shortcut, not the paper's 2 x 2-patch blocks of a
+ViT: the built-in recipe therefore loads the 28-px images at 32 px and masks 8-px blocks (a 4 x 4
+grid of blocks of 2 x 2 patches).
 """
 from __future__ import annotations
 
 from typing import Any
+
+import math
 
 import torch
 from einops import repeat
@@ -61,7 +66,7 @@ class SimMIM(Objective):
         self.mask_patch_size = mask_patch_size
         self.block_grid = (h // mask_patch_size, w // mask_patch_size)
         n_blocks = self.block_grid[0] * self.block_grid[1]
-        self.num_masked = int(round(mask_ratio * n_blocks))
+        self.num_masked = math.ceil(mask_ratio * n_blocks - 1e-9)  # the reference code's ceil
         if not 0.0 < mask_ratio < 1.0 or not 0 < self.num_masked < n_blocks:
             raise ValueError(
                 f"mask_ratio={mask_ratio} must be strictly between 0 and 1 and mask between 1 and "

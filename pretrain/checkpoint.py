@@ -7,6 +7,7 @@ RUN_DIR/checkpoints/step-000500/
     config.yaml            the resolved config
     backbone.safetensors   the exported backbone + backbone.json, so that eval and export
     backbone.json          need no objective code
+    head.safetensors       the classifier head, for objectives that train one (supervised)
 """
 from __future__ import annotations
 
@@ -64,6 +65,9 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, objective, cfg, data_
         (tmp / "data_position.json").write_text(json.dumps({"world_size": accelerator.num_processes, "ranks": positions}))
         config_mod.save(cfg, tmp / "config.yaml")
         backbones.save(accelerator.unwrap_model(objective).export_backbone(), tmp, extra={**meta, "step": step})
+        heads = accelerator.unwrap_model(objective).export_heads()
+        if heads:  # a classifier: the checkpoint predicts, and can teach a distillation run
+            backbones.save_head(heads["head"], tmp, heads.get("head_dist"))
         if final.exists():  # the same step saved again after a resume: replace it only now
             old = root / f".old-{checkpoint_name(step)}"
             final.rename(old)

@@ -44,6 +44,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 100
     clip_grad: float | None = 1.0  # max gradient norm; null = no clipping
+    clip_per_param: bool = False  # clip each parameter's gradient norm on its own (DINO) instead of the global norm
 
 
 @dataclass

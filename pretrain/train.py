@@ -51,8 +51,16 @@ def build_objective(cfg: Config) -> objectives.Objective:
         raise config_mod.component_error("backbone", e) from None
     hp = {k: v for k, v in cfg.objective.items() if k != "name"}
     try:
+        uses_labels = objectives.objective_class(cfg.objective["name"]).uses_labels
+    except ValueError as e:
+        raise config_mod.component_error("objective", e) from None
+    if uses_labels and hp.get("num_classes") is None:
+        classes = (train_shards(cfg)[1] or {}).get("classes")  # the shards' manifest names them
+        if classes:
+            hp["num_classes"] = len(classes)
+    try:
         return objectives.create(cfg.objective["name"], backbone, **hp)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OSError) as e:
         raise config_mod.component_error("objective", e) from None
 
 
@@ -95,6 +103,20 @@ def check_world_size(acc: Accelerator) -> None:
         )
 
 
+def clip_gradients(acc: Accelerator, model: torch.nn.Module, max_norm: float, per_param: bool) -> None:
+    """Clip the global gradient norm, or (DINO's `clip_gradients`) each parameter's norm on its own."""
+    if not per_param:
+        acc.clip_grad_norm_(model.parameters(), max_norm)
+        return
+    if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise ConfigError(f"optim.clip_per_param=true is not supported under {acc.distributed_type.name} (it would "
+                          "clip shards, not parameters): set optim.clip_per_param=false")
+    acc.unscale_gradients()
+    for p in model.parameters():
+        if p.grad is not None:
+            torch.nn.utils.clip_grad_norm_(p, max_norm)
+
+
 def set_cpu_threads(acc: Accelerator, cfg: Config) -> None:
     """`accelerate launch` sets OMP_NUM_THREADS=1 on a machine without a GPU, which halves a
     2-core CPU's speed: give each local process its share of the cores instead."""
@@ -117,6 +139,7 @@ def train(cfg: Config) -> dict[str, Any]:
     set_seed(cfg.train.seed)
     objective = build_objective(cfg)
     backbone = objective.backbone
+    objective.set_total_steps(cfg.train.total_steps)
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
     say(f"[vit-ssl] {cfg.objective['name']} on {cfg.backbone['name']} "
         f"({sum(p.numel() for p in backbone.parameters()) / 1e6:.2f} M backbone parameters), "
@@ -184,7 +207,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 out = model({"views": views, "labels": batch.labels.to(acc.device)})
                 acc.backward(out["loss"])
                 if acc.sync_gradients and o.clip_grad:
-                    acc.clip_grad_norm_(model.parameters(), o.clip_grad)
+                    clip_gradients(acc, model, o.clip_grad, o.clip_per_param)
                 for p in acc.unwrap_model(model).frozen_parameters():
                     p.grad = None
                 optimizer.step()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import backbones
+from backbones.layers import resize_pos_embed
 from conftest import tiny_vit_kwargs
 
 SMALL = {name: tiny_vit_kwargs() for name in backbones.list_backbones()}
@@ -98,3 +99,59 @@ def test_wrong_input_shape_says_what_fits():
     model = backbones.create("vit", **tiny_vit_kwargs())
     with pytest.raises(ValueError, match=r"built for \(B, 1, 28, 28\)"):
         model(torch.randn(1, 3, 28, 28))
+
+
+@pytest.mark.parametrize("name", ["vit", "simple_vit"])
+def test_forward_at_another_size_interpolates_the_positions(name):
+    torch.manual_seed(0)
+    model = backbones.create(name, **tiny_vit_kwargs(patch_size=4)).eval()
+    x = torch.randn(2, 1, 28, 28)
+    # at the built size nothing is resampled
+    assert torch.equal(resize_pos_embed(model.patch_positions(), (7, 7), (7, 7)), model.patch_positions())
+    small = model(torch.randn(2, 1, 12, 12))
+    assert small.shape == (2, model.embed_dim) and torch.isfinite(small).all()
+    # a 2x upsampled image at 56 px sees positions resampled to 14 x 14: close to the 7 x 7 ones
+    pos14 = resize_pos_embed(model.patch_positions(), (7, 7), (14, 14))
+    pos7 = resize_pos_embed(pos14, (14, 14), (7, 7))
+    assert pos14.shape == (1, 196, model.embed_dim)
+    if name == "simple_vit":  # smooth sin-cos positions survive the round trip
+        assert (pos7 - model.patch_positions()).abs().max() < 0.15
+    assert model(torch.randn(2, 1, 20, 36)).shape == (2, model.embed_dim)
+    # the 12-px input's tokens see the 7 x 7 positions resampled (bicubic, antialiased) to 3 x 3
+    x12 = torch.randn(2, 1, 12, 12)
+    grid = model.patch_positions().reshape(1, 7, 7, -1).permute(0, 3, 1, 2)  # (1, D, 7, 7)
+    pos3 = torch.nn.functional.interpolate(grid, size=(3, 3), mode="bicubic", antialias=True)
+    pos3 = pos3.permute(0, 2, 3, 1).reshape(1, 9, -1)
+    with torch.no_grad():
+        want = model.forward_tokens(model.patch_embed(x12) + pos3)
+        assert torch.allclose(model.forward_features(x12), want, atol=1e-5)
+        unpositioned = model.forward_tokens(model.patch_embed(x12))
+        assert not torch.allclose(model.forward_features(x12), unpositioned, atol=1e-3)
+    with pytest.raises(ValueError, match="multiples of the patch size 4"):
+        model(torch.randn(2, 1, 30, 30))
+    with pytest.raises(ValueError, match="does not fit"):  # token-level access stays at the built size
+        model.embed_patches(torch.randn(2, 1, 12, 12))
+    assert model(x).shape == (2, model.embed_dim)
+
+
+def test_a_vit_with_a_distillation_token_matches_timms_distilled_vit():
+    """DeiT's layout: prefix tokens [cls, dist] with positions for both; our weights load into
+    timm's VisionTransformerDistilled with strict=True and give the same tokens."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    torch.manual_seed(0)
+    ours = backbones.create("vit", **tiny_vit_kwargs(patch_size=4), distill_token=True).eval()
+    assert ours.num_prefix_tokens == 2 and ours.pos_embed.shape == (1, 49 + 2, 32)
+    ref = VisionTransformerDistilled(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+                                     mlp_ratio=2.0, num_classes=0).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        tokens = ours.forward_features(x)
+        assert torch.allclose(tokens, ref.forward_features(x), atol=1e-5)
+    assert torch.equal(ours.distill_embedding(tokens), tokens[:, 1])
+    assert torch.equal(ours(x), tokens[:, 0])  # pool='cls' reads the class token
+    with pytest.raises(ValueError, match="distill_token=True needs a class token"):
+        backbones.create("vit", **tiny_vit_kwargs()).__class__(class_token=False, pool="mean", distill_token=True)
+    with pytest.raises(ValueError, match="no distillation token"):
+        backbones.create("vit", **tiny_vit_kwargs()).distill_embedding(tokens)

@@ -98,3 +98,23 @@ def test_missing_built_in_dataset_names_the_fix(root, tmp_path):
                           cwd=root, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2
     assert "apt-get install dataset-fashion-mnist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("per_param", [False, True])
+def test_gradient_clipping_global_or_per_parameter(per_param):
+    import torch
+    from accelerate import Accelerator
+
+    from pretrain.train import clip_gradients
+
+    model = torch.nn.Linear(2, 1)
+    model.weight.grad = torch.tensor([[6.0, 8.0]])  # norm 10
+    model.bias.grad = torch.tensor([1.0])  # norm 1
+    clip_gradients(Accelerator(cpu=True), model, 3.0, per_param)
+    if per_param:  # DINO: each parameter on its own
+        assert torch.allclose(model.weight.grad.norm(), torch.tensor(3.0), atol=1e-5)
+        assert torch.allclose(model.bias.grad, torch.tensor([1.0]))
+    else:  # one global norm sqrt(101) scaled down to 3
+        scale = 3.0 / 101 ** 0.5
+        assert torch.allclose(model.weight.grad, torch.tensor([[6.0, 8.0]]) * scale, atol=1e-5)
+        assert torch.allclose(model.bias.grad, torch.tensor([1.0]) * scale, atol=1e-5)

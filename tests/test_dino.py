@@ -19,12 +19,14 @@ from objectives.dino import DINOLoss, teacher_momentum, teacher_temperature
 K = 64
 
 
-def make(num_local=2, in_chans=1, backbone=None, **hp):
+def make(num_local=2, in_chans=1, backbone=None, name="vit", **hp):
     torch.manual_seed(0)
-    backbone = backbone or backbones.create("vit", **tiny_vit_kwargs(in_chans=in_chans))
+    backbone = backbone or backbones.create(name, **tiny_vit_kwargs(in_chans=in_chans))
     kw = dict(out_dim=K, head_hidden_dim=48, head_bottleneck_dim=16, num_local=num_local)
     kw.update(hp)
-    return objectives.create("dino", backbone, **kw)
+    dino = objectives.create("dino", backbone, **kw)
+    dino.set_total_steps(100)
+    return dino
 
 
 def batch_for(dino, B=3):
@@ -115,6 +117,16 @@ def test_teacher_temperature_warms_up_linearly_then_stays():
     assert teacher_temperature(0, 0.04, 0.07, 0) == pytest.approx(0.07)
 
 
+def test_teacher_temperature_warms_up_over_30_percent_of_the_run_by_default():
+    dino = make(teacher_temp_start=0.04, teacher_temp=0.07)
+    dino.set_total_steps(200)
+    assert dino.teacher_temp_at(0) == pytest.approx(0.04)
+    assert dino.teacher_temp_at(30) == pytest.approx(0.055)
+    assert dino.teacher_temp_at(60) == pytest.approx(0.07)
+    with pytest.raises(ValueError, match="teacher_temp_warmup_steps=-1"):
+        make(teacher_temp_warmup_steps=-1)
+
+
 def test_teacher_momentum_follows_a_cosine_to_one():
     assert teacher_momentum(0, 100, 0.996) == pytest.approx(0.996)
     assert teacher_momentum(50, 100, 0.996) == pytest.approx(0.998)
@@ -176,9 +188,19 @@ def test_views_of_another_resolution_go_through_as_one_batch_each():
     assert torch.isfinite(out["loss"])
 
 
+def test_local_crops_run_at_their_own_resolution_on_a_vit():
+    dino = make(num_local=2, local_size=14)  # patch 7: a 2 x 2 grid, positions interpolated
+    sizes = []
+    dino.backbone.register_forward_hook(lambda m, a, o: sizes.append(tuple(a[0].shape)))
+    out = dino(batch_for(dino, B=2))
+    out["loss"].backward()
+    assert sizes == [(4, 1, 28, 28), (4, 1, 14, 14)]
+    assert dino.backbone.pos_embed.grad.abs().sum() > 0
+
+
 def test_a_local_size_the_backbone_refuses_is_named_at_construction():
     with pytest.raises(ValueError, match="local_size=12"):
-        make(local_size=12)
+        make(local_size=12)  # not a multiple of the patch size 7
     with pytest.raises(ValueError, match="num_local=-1"):
         make(num_local=-1)
 
@@ -197,9 +219,10 @@ def trainable(dino):
     return {n: p for n, p in dino.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("in_chans, num_local", [(1, 2), (3, 2), (1, 0)])
-def test_forward_and_backward_reach_every_student_parameter(in_chans, num_local):
-    dino = make(num_local=num_local, in_chans=in_chans)
+@pytest.mark.parametrize("name, in_chans, num_local", [("vit", 1, 2), ("vit", 3, 2), ("vit", 1, 0),
+                                                      ("simple_vit", 1, 2)])
+def test_forward_and_backward_reach_every_student_parameter(name, in_chans, num_local):
+    dino = make(num_local=num_local, in_chans=in_chans, name=name, local_size=14)
     out = dino(batch_for(dino))
     assert {"loss", "teacher_temp", "momentum"} <= set(out) and torch.isfinite(out["loss"])
     out["loss"].backward()
