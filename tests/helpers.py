@@ -25,6 +25,11 @@ def run_pretrain(*args: str, timeout: int = 600, launcher: list[str] | None = No
     return proc
 
 
+def without_gradient(module) -> list[str]:
+    """Names of the trainable parameters whose gradient is missing or all zero after a backward."""
+    return [n for n, p in module.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+
+
 def only_run_dir(out_dir: Path) -> Path:
     dirs = [p for p in Path(out_dir).iterdir() if p.is_dir() and p.name != "mlartifacts"]
     assert len(dirs) == 1, dirs

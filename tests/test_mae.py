@@ -9,6 +9,7 @@ import backbones
 import objectives
 from backbones import CapabilityError
 from conftest import PooledOnlyBackbone, tiny_vit_kwargs
+from helpers import without_gradient
 
 
 def make(mask_ratio=0.75, norm_pix_loss=False, name="vit", **bb):
@@ -106,7 +107,7 @@ def test_forward_and_backward_reach_every_parameter(name):
     out = mae({"views": [torch.randn(4, 1, 28, 28)], "labels": torch.zeros(4, dtype=torch.long)})
     assert set(out) == {"loss"} and torch.isfinite(out["loss"])
     out["loss"].backward()
-    missing = [n for n, p in mae.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    missing = without_gradient(mae)
     assert not missing, missing
 
 

@@ -10,7 +10,7 @@ import backbones
 import objectives
 from backbones import CapabilityError
 from conftest import PooledOnlyBackbone, tiny_vit_kwargs
-from helpers import only_run_dir, run_pretrain
+from helpers import only_run_dir, run_pretrain, without_gradient
 
 MEAN, STD = [0.2860], [0.3530]
 
@@ -151,7 +151,7 @@ def test_forward_and_backward_reach_every_parameter(name):
     out = mpp({"views": [torch.randn(4, 1, 28, 28)], "labels": torch.zeros(4, dtype=torch.long)})
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
-    missing = [n for n, p in mpp.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    missing = without_gradient(mpp)
     assert not missing, missing
 
 

@@ -9,7 +9,7 @@ import backbones
 import objectives
 from backbones import CapabilityError
 from conftest import PooledOnlyBackbone, tiny_vit_kwargs
-from helpers import only_run_dir, run_pretrain
+from helpers import only_run_dir, run_pretrain, without_gradient
 from objectives.simmim import auto_mask_patch_size
 
 
@@ -117,7 +117,7 @@ def test_forward_and_backward_reach_every_parameter(name):
     out = sim({"views": [torch.randn(4, 1, 28, 28)], "labels": torch.zeros(4, dtype=torch.long)})
     assert set(out) == {"loss"} and torch.isfinite(out["loss"])
     out["loss"].backward()
-    missing = [n for n, p in sim.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    missing = without_gradient(sim)
     assert not missing, missing
 
 
