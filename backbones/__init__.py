@@ -1,11 +1,19 @@
-"""Backbones behind one protocol (see base.py): `backbones.create("vit", size="small")`."""
-from . import vit  # noqa: F401  (registers vit, simple_vit)
+"""Backbones behind one protocol (see base.py): `backbones.create("vit", size="small")`.
+
+Every module in this package other than the infrastructure (base, layers, video, convert,
+import_vit_pytorch, timm_backbone, and names starting with "_") is a family file that registers its builders when imported; they are all
+imported here, so `backbones.create` knows every family.
+"""
+import importlib as _importlib
+import pkgutil as _pkgutil
+
 from .base import (
     Backbone,
     CapabilityError,
     Classifier,
     build_config,
     create,
+    example_config,
     list_backbones,
     load,
     load_classifier,
@@ -15,5 +23,10 @@ from .base import (
     save_head,
 )
 
-__all__ = ["Backbone", "CapabilityError", "Classifier", "build_config", "create", "list_backbones", "load",
-           "load_classifier", "load_meta", "register", "save", "save_head"]
+_INFRASTRUCTURE = {"base", "layers", "convert", "import_vit_pytorch", "timm_backbone", "video"}
+for _module in sorted(m.name for m in _pkgutil.iter_modules(__path__)):
+    if _module not in _INFRASTRUCTURE and not _module.startswith("_"):
+        _importlib.import_module(f"{__name__}.{_module}")
+
+__all__ = ["Backbone", "CapabilityError", "Classifier", "build_config", "create", "example_config", "list_backbones",
+           "load", "load_classifier", "load_meta", "register", "save", "save_head"]

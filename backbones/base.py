@@ -14,6 +14,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from einops import rearrange
+
 from .layers import gather_tokens, to_2tuple
 
 
@@ -30,11 +32,20 @@ class Backbone(nn.Module):
     pos_embed_for(ids)    -> (B, n, D)  positions of the patches `ids` (B, n); ids=None: (1, N, D)
     forward_tokens(t)     -> (B, P+n, D) prefix tokens added, blocks + final norm over t (B, n, D)
     pool(tokens)          -> (B, D)
+    forward_masked(x, mask, mask_token) -> (B, N, D) patch tokens, masked inputs replaced (SimMIM)
+    patchify(x)           -> (B, N, patch_pixels) the input's values under each output token
+    unpatchify(t)         -> x
+
+    Geometry: `input_shape` is what one sample looks like ((C, H, W) for images, (C, T, H, W) for
+    video, (C, L) for signals); `grid_size` is the token grid of any rank, `num_patches` its size,
+    `patch_pixels` the number of input values under one token. A hierarchical backbone's
+    `patch_size` is its total stride: its output tokens are `patch_size` pixels apart.
     """
 
     # capability flags, answered honestly by each family
+    supports_token_access: bool = False  # embed_patches / pos_embed_for / forward_tokens work (MPP)
     supports_token_drop: bool = False  # encoder can run on a subset of patches (MAE)
-    supports_mask_token: bool = False  # patch tokens can be replaced before the blocks (SimMIM, MPP)
+    supports_mask_token: bool = False  # forward_masked: masked inputs replaced by a learned token (SimMIM)
     attention_maps: bool = False  # attention can be recorded (pictures)
     supports_any_size: bool = False  # forward / forward_features take other sizes (multiples of patch_size)
     has_distill_token: bool = False  # a DeiT distillation token among the prefix tokens (distill_embedding)
@@ -46,14 +57,59 @@ class Backbone(nn.Module):
     num_prefix_tokens: int = 0
 
     @property
-    def grid_size(self) -> tuple[int, int]:
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's shape: (C, H, W) for an image backbone."""
+        return (self.in_chans, *self.image_size)
+
+    @property
+    def grid_size(self) -> tuple[int, ...]:
         h, w = self.image_size
         return h // self.patch_size, w // self.patch_size
 
     @property
     def num_patches(self) -> int:
-        gh, gw = self.grid_size
-        return gh * gw
+        n = 1
+        for g in self.grid_size:
+            n *= g
+        return n
+
+    @property
+    def patch_pixels(self) -> int:
+        """Input values under one output token: patch_size**2 * in_chans for images."""
+        return self.patch_size * self.patch_size * self.in_chans
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, p*p*C), patches in token order, values (p1 p2 c)."""
+        p = self.patch_size
+        return rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p)
+
+    def unpatchify(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, N, p*p*C) -> (B, C, H, W), the inverse of patchify."""
+        p, (gh, gw) = self.patch_size, self.grid_size
+        return rearrange(t, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=gh, w=gw, p1=p, p2=p)
+
+    def hide_masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The input with the pixels of the tokens where mask (B, N) is set made invisible to every
+        other token, before embedding. A non-overlapping patch embedding shows each token only its
+        own pixels, so the default returns x; a family whose embedding reaches into neighbouring
+        patches (shifted patch tokens, convolutional stems) zeroes the masked pixels. MAE, SimMIM
+        and MPP call it, so masked content never leaks into visible tokens."""
+        return x
+
+    @property
+    def mask_token_dim(self) -> int:
+        """Width of the tokens a mask token replaces in forward_masked (the first stage's width)."""
+        return self.embed_dim
+
+    def forward_masked(self, x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, N, D) after the final norm, with the patches where mask (B, N) is set
+        replaced by `mask_token` (1, 1, mask_token_dim) before positions are added. This default
+        serves every backbone with token access; hierarchical ones override it and replace at the
+        input of their first stage."""
+        tokens = self.embed_patches(self.hide_masked(x, mask))  # (B, N, D)
+        token = mask_token.to(tokens.dtype).expand_as(tokens)
+        tokens = torch.where(mask.bool().unsqueeze(-1), token, tokens) + self.pos_embed_for(None)
+        return self.forward_tokens(tokens)[:, self.num_prefix_tokens:]  # (B, N, D)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.forward_features(x))
@@ -88,6 +144,18 @@ class Backbone(nn.Module):
         """Parameter names (as in named_parameters) that take no weight decay besides norms and biases."""
         return set()
 
+    def pool_only_parameters(self) -> list[nn.Parameter]:
+        """Parameters no output token depends on, only the pooled embedding: e.g. NaViT's attention
+        pool, a norm applied after pooling. Objectives that read tokens cannot train them (see
+        Objective.reads), so they freeze them."""
+        return []
+
+    def prefix_only_parameters(self) -> list[nn.Parameter]:
+        """Parameters only the prefix (class) tokens depend on, not the patch tokens: e.g. CaiT's
+        class-attention stage, CrossViT's last cross-attention. MAE's decoder reads the prefix
+        tokens and trains them; SimMIM and MPP read patch tokens only and freeze them."""
+        return []
+
     def check_input(self, x: torch.Tensor, any_size: bool = False) -> None:
         """Refuse input of another shape; `any_size`: any height and width divisible by the patch size."""
         if any_size and x.ndim == 4 and x.shape[1] == self.in_chans:
@@ -98,26 +166,31 @@ class Backbone(nn.Module):
                 f"input of shape {tuple(x.shape)}: height and width must be multiples of the patch size "
                 f"{self.patch_size}; resize or crop the input to such a size"
             )
-        if x.ndim != 4 or x.shape[1] != self.in_chans or tuple(x.shape[-2:]) != tuple(self.image_size):
+        if tuple(x.shape[1:]) != tuple(self.input_shape):
+            names = {3: "C, H, W", 4: "C, T, H, W", 2: "C, L"}.get(len(self.input_shape), "...")
             raise ValueError(
                 f"input of shape {tuple(x.shape)} does not fit this backbone, built for "
-                f"(B, {self.in_chans}, {self.image_size[0]}, {self.image_size[1]}): resize the input, "
-                f"or build the backbone with image_size / in_chans that match it"
+                f"(B, {', '.join(map(str, self.input_shape))}) = (B, {names}): resize the input, "
+                f"or build the backbone with the image_size / in_chans that match it"
             )
 
 
 # --------------------------------------------------------------------------- registry
 
 _REGISTRY: dict[str, Callable[..., Backbone]] = {}
+_EXAMPLES: dict[str, dict[str, Any]] = {}
 
 
-def register(name: str) -> Callable:
-    """Register a builder (a Backbone subclass or a function returning one) under `name`."""
+def register(name: str, example: dict[str, Any] | None = None) -> Callable:
+    """Register a builder (a Backbone subclass or a function returning one) under `name`.
+    `example`: keyword arguments of a small, fast configuration of the family (what the
+    objective x backbone matrix, the tests and the benchmarks build)."""
 
     def deco(builder: Callable[..., Backbone]) -> Callable[..., Backbone]:
         if name in _REGISTRY:
             raise ValueError(f"backbone {name!r} is registered twice")
         _REGISTRY[name] = builder
+        _EXAMPLES[name] = dict(example or {})
         return builder
 
     return deco
@@ -125,6 +198,13 @@ def register(name: str) -> Callable:
 
 def list_backbones() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def example_config(name: str) -> dict[str, Any]:
+    """The small configuration a family registered for tests and benchmarks."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; registered backbones are: {', '.join(list_backbones())}")
+    return dict(_EXAMPLES[name])
 
 
 def _bind(name: str, builder: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -140,9 +220,15 @@ def _bind(name: str, builder: Callable, kwargs: dict[str, Any]) -> dict[str, Any
 
 
 def create(name: str, **kwargs: Any) -> Backbone:
-    """Build a registered backbone: `create("vit", size="small", image_size=224)`."""
+    """Build a registered backbone: `create("vit", size="small", image_size=224)`; any timm model
+    as `create("timm:NAME", **timm_kwargs)` (pretrained=False; `weights=FILE` for local weights)."""
+    if name.startswith("timm:"):
+        from .timm_backbone import build
+
+        return build(name, kwargs)
     if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; registered backbones are: {', '.join(list_backbones())}")
+        raise ValueError(f"unknown backbone {name!r}; registered backbones are: {', '.join(list_backbones())}, "
+                         "or timm:NAME for any timm model")
     builder = _REGISTRY[name]
     resolved = _bind(name, builder, kwargs)
     model = builder(**resolved)

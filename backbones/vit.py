@@ -11,19 +11,12 @@ import torch
 from torch import nn
 
 from .base import Backbone, image_size_2d, register
-from .layers import (PatchEmbed, init_patch_embed, init_weights, resize_pos_embed, sincos_2d, transformer,
-                     trunc_normal_)
-
-# name -> (dim, depth, heads), as in the ViT / DeiT papers
-SIZES = {
-    "tiny": (192, 12, 3),
-    "small": (384, 12, 6),
-    "base": (768, 12, 12),
-    "large": (1024, 24, 16),
-}
+from .layers import (SIZES, NormPatchEmbed, PatchEmbed, init_patch_embed, init_weights, resize_pos_embed, sincos_2d,
+                     transformer, trunc_normal_)
 
 
 class ViT(Backbone):
+    supports_token_access = True
     supports_token_drop = True
     supports_mask_token = True
     attention_maps = True
@@ -45,6 +38,11 @@ class ViT(Backbone):
         pool: str = "cls",
         drop: float = 0.0,
         distill_token: bool = False,
+        head_dim: int | None = None,
+        mlp_dim: int | None = None,
+        proj_bias: bool = True,
+        patch_norm: bool = False,
+        norm_eps: float = 1e-6,
     ):
         super().__init__()
         if distill_token and not class_token:
@@ -55,8 +53,8 @@ class ViT(Backbone):
             raise ValueError(f"pool={pool!r}: allowed are 'cls' and 'mean'")
         if pool == "cls" and not class_token:
             raise ValueError("pool='cls' needs class_token=True: use pool='mean' without a class token")
-        if pos_embed not in ("learned", "sincos"):
-            raise ValueError(f"pos_embed={pos_embed!r}: allowed are 'learned' and 'sincos'")
+        if pos_embed not in ("learned", "sincos", "sincos_inclusive"):
+            raise ValueError(f"pos_embed={pos_embed!r}: allowed are 'learned', 'sincos' and 'sincos_inclusive'")
         d, L, h = SIZES[size]
         dim, depth, heads = dim or d, depth or L, heads or h
         if in_chans < 1 or patch_size < 1 or depth < 1:
@@ -68,23 +66,28 @@ class ViT(Backbone):
         self.has_distill_token = distill_token
         self.pool_type = pool
 
-        self.patch_embed = PatchEmbed(self.image_size, patch_size, in_chans, dim)
+        if patch_norm:  # vit-pytorch's layout: LayerNorm, Linear, LayerNorm over (p1 p2 c) patches
+            self.patch_embed = NormPatchEmbed(self.image_size, patch_size, in_chans, dim, norm_eps)
+        else:
+            self.patch_embed = PatchEmbed(self.image_size, patch_size, in_chans, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)) if distill_token else None
         n_pos = self.num_patches + self.num_prefix_tokens
         if pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, dim))
         else:
-            pos = sincos_2d(self.grid_size, dim)
+            pos = sincos_2d(self.grid_size, dim, inclusive=pos_embed == "sincos_inclusive")
             pos = torch.cat([torch.zeros(1, self.num_prefix_tokens, dim), pos], dim=1)
             self.register_buffer("pos_embed", pos, persistent=False)
-        self.blocks = transformer(dim, depth, heads, mlp_ratio, qkv_bias, drop)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.blocks = transformer(dim, depth, heads, mlp_ratio, qkv_bias, drop, head_dim=head_dim, proj_bias=proj_bias,
+                                  mlp_dim=mlp_dim, norm_eps=norm_eps)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self._init()
 
     def _init(self) -> None:
         self.apply(init_weights)
-        init_patch_embed(self.patch_embed)
+        if isinstance(self.patch_embed, PatchEmbed):
+            init_patch_embed(self.patch_embed)
         if isinstance(self.pos_embed, nn.Parameter):
             trunc_normal_(self.pos_embed)
         if self.cls_token is not None:
@@ -131,7 +134,7 @@ class ViT(Backbone):
         return {"pos_embed", "cls_token", "dist_token"}
 
 
-@register("vit")
+@register("vit", example=dict(image_size=28, patch_size=4, in_chans=1, dim=64, depth=2, heads=4))
 def vit(
     image_size: int | tuple[int, int] = 224,
     patch_size: int = 16,
@@ -145,14 +148,23 @@ def vit(
     pool: str = "cls",
     drop: float = 0.0,
     distill_token: bool = False,
+    class_token: bool = True,
+    head_dim: int | None = None,
+    mlp_dim: int | None = None,
+    proj_bias: bool = True,
+    patch_norm: bool = False,
+    norm_eps: float = 1e-6,
 ) -> ViT:
     """ViT: learned positions, a class token, pooling by class token ('cls') or mean of patches;
-    `distill_token=True` adds DeiT's distillation token (for the distill objective)."""
+    `distill_token=True` adds DeiT's distillation token (for the distill objective). The defaults
+    are timm's VisionTransformer; head_dim / mlp_dim / proj_bias / patch_norm / norm_eps also
+    express vit-pytorch's ViT (see backbones.convert)."""
     return ViT(image_size, patch_size, in_chans, size, dim, depth, heads, mlp_ratio, qkv_bias,
-               class_token=True, pos_embed="learned", pool=pool, drop=drop, distill_token=distill_token)
+               class_token=class_token, pos_embed="learned", pool=pool, drop=drop, distill_token=distill_token,
+               head_dim=head_dim, mlp_dim=mlp_dim, proj_bias=proj_bias, patch_norm=patch_norm, norm_eps=norm_eps)
 
 
-@register("simple_vit")
+@register("simple_vit", example=dict(image_size=28, patch_size=4, in_chans=1, dim=64, depth=2, heads=4))
 def simple_vit(
     image_size: int | tuple[int, int] = 224,
     patch_size: int = 16,
@@ -164,7 +176,14 @@ def simple_vit(
     mlp_ratio: float = 4.0,
     qkv_bias: bool = True,
     drop: float = 0.0,
+    head_dim: int | None = None,
+    mlp_dim: int | None = None,
+    proj_bias: bool = True,
+    patch_norm: bool = False,
+    norm_eps: float = 1e-6,
 ) -> ViT:
-    """SimpleViT: fixed 2-D sin-cos positions, no class token, mean pooling."""
+    """SimpleViT: fixed 2-D sin-cos positions (big_vision's frequencies), no class token, mean
+    pooling. head_dim / mlp_dim / proj_bias / patch_norm / norm_eps as for vit."""
     return ViT(image_size, patch_size, in_chans, size, dim, depth, heads, mlp_ratio, qkv_bias,
-               class_token=False, pos_embed="sincos", pool="mean", drop=drop)
+               class_token=False, pos_embed="sincos_inclusive", pool="mean", drop=drop, head_dim=head_dim,
+               mlp_dim=mlp_dim, proj_bias=proj_bias, patch_norm=patch_norm, norm_eps=norm_eps)

@@ -7,7 +7,7 @@ import pkgutil
 from .base import Objective, create, list_objectives, objective_class, register
 
 for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base":
+    if _module.name not in ("base", "matrix"):  # matrix is a tool over the registry, not an objective
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["Objective", "create", "list_objectives", "objective_class", "register"]

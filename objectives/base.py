@@ -10,7 +10,6 @@ import inspect
 from typing import Any, Callable
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from backbones import Backbone, CapabilityError
@@ -57,11 +56,23 @@ class Objective(nn.Module):
     requires: tuple[str, ...] = ()
     #: trains on the shards' labels; takes `num_classes` (the trainer fills it from the manifest)
     uses_labels: bool = False
+    #: what of the backbone's output the loss reads: "pooled" (the embedding), "tokens" (patch and
+    #: prefix tokens, MAE's decoder) or "patches" (patch tokens only, SimMIM, MPP)
+    reads: str = "pooled"
 
     def __init__(self, backbone: Backbone):
         super().__init__()
         self.check_backbone(backbone)
         self.backbone = backbone
+        if self.reads != "pooled":
+            # the loss cannot reach the backbone's pooling-only (and, reading patches only, its
+            # prefix-only) parameters: freeze them at their initialisation rather than leave them
+            # without a gradient, which DDP refuses; evaluation and fine-tuning train them
+            unread = backbone.pool_only_parameters()
+            if self.reads == "patches":
+                unread += backbone.prefix_only_parameters()
+            for p in unread:
+                p.requires_grad_(False)
 
     @classmethod
     def check_backbone(cls, backbone: Backbone) -> None:
@@ -78,19 +89,27 @@ class Objective(nn.Module):
         return all(getattr(backbone, flag, False) for flag in cls.requires)
 
     # -- helpers for objectives that work on pixels and patches -----------------------------
+    @property
+    def takes_images(self) -> bool:
+        """The backbone takes (B, C, H, W) images (not clips or signals): the data stage can make its views."""
+        return len(self.backbone.input_shape) == 3
+
     def square_view_size(self) -> int:
+        if not self.takes_images:
+            raise ValueError(
+                f"the backbone takes input of shape {tuple(self.backbone.input_shape)}, not images: the data stage "
+                "makes image views only; call the objective with batch['views'] of that shape yourself"
+            )
         h, w = self.backbone.image_size
         if h != w:
             raise ValueError(f"image_size={self.backbone.image_size}: the augmentation makes square views only")
         return h
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        p = self.backbone.patch_size
-        return rearrange(imgs, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p)  # (B, N, p*p*C)
+        return self.backbone.patchify(imgs)  # (B, N, patch_pixels)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        p, (gh, gw) = self.backbone.patch_size, self.backbone.grid_size
-        return rearrange(x, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=gh, w=gw, p1=p, p2=p)  # (B, C, H, W)
+        return self.backbone.unpatchify(x)  # (B, C, ...) the input's shape
 
     @property
     def views(self) -> list[ViewSpec]:

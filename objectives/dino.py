@@ -138,7 +138,7 @@ def multicrop_forward(backbone: nn.Module, head: nn.Module, views: Sequence[torc
     go through the backbone as one batch; the head runs once on all embeddings."""
     groups: list[list[torch.Tensor]] = []
     for v in views:
-        if groups and groups[-1][0].shape[-2:] == v.shape[-2:]:
+        if groups and groups[-1][0].shape[1:] == v.shape[1:]:
             groups[-1].append(v)
         else:
             groups.append([v])
@@ -199,9 +199,16 @@ class DINO(Objective):
         for name, value, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{name}={value!r} is invalid; it must be {allowed}")
-        self.global_size = int(global_size or self.square_view_size())
-        self.local_size = int(local_size or self.global_size)
         self.num_local = num_local
+        if self.takes_images:
+            self.global_size = int(global_size or self.square_view_size())
+            self.local_size = int(local_size or self.global_size)
+        elif num_local or global_size or local_size:
+            raise ValueError(f"num_local={num_local}, global_size={global_size}, local_size={local_size}: crops of other "
+                             f"sizes are for images; a backbone taking input of shape {tuple(backbone.input_shape)} gets "
+                             "two views of its own shape (set num_local=0 and leave the sizes unset)")
+        else:
+            self.global_size = self.local_size = None
         self.teacher_temp_start, self.teacher_temp_end = teacher_temp_start, teacher_temp
         self.teacher_temp_warmup_steps = teacher_temp_warmup_steps  # None: 30 % of the run (set_total_steps)
         self.momentum_teacher = momentum_teacher
@@ -210,8 +217,9 @@ class DINO(Objective):
                          grayscale_p=grayscale_p, blur_sigma=tuple(blur_sigma))
         self._blur_p, self._solarize_p = tuple(blur_p), tuple(solarize_p)
         self._global_scale, self._local_scale = tuple(global_scale), tuple(local_scale)
-        self.views  # noqa: B018 -- validate the view settings now, not when the data starts
-        self._check_sizes(backbone)
+        if self.takes_images:
+            self.views  # noqa: B018 -- validate the view settings now, not when the data starts
+            self._check_sizes(backbone)
 
         self.head = DINOHead(backbone.embed_dim, out_dim, head_hidden_dim, head_bottleneck_dim, head_layers)
         self.criterion = DINOLoss(out_dim, student_temp, center_momentum)

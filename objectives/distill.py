@@ -181,7 +181,8 @@ class Distill(Objective):
                              "with objective.teacher_weights=FILE)")
         self.kind, self.alpha, self.tau, self.label_smoothing = kind, alpha, tau, label_smoothing
         self.crop_scale, self.hflip = tuple(crop_scale), hflip
-        self.views  # noqa: B018 -- validate the view settings now
+        if self.takes_images:
+            self.views  # noqa: B018 -- validate the view settings now
         self.token = bool(getattr(backbone, "has_distill_token", False))
         self.heads = DistillationHeads(backbone.embed_dim, num_classes, distill=kind != "none")
         self.teacher_model: nn.Module | None = None

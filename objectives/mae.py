@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from backbones import Backbone
-from backbones.layers import gather_tokens, init_weights, sincos_2d, transformer
+from backbones.layers import gather_tokens, init_weights, sincos_padded, transformer
 from data.augment import ViewSpec
 
 from .base import Objective, register
@@ -21,6 +21,7 @@ from .base import Objective, register
 @register("mae")
 class MAE(Objective):
     requires = ("supports_token_drop",)
+    reads = "tokens"
 
     def __init__(
         self,
@@ -41,15 +42,13 @@ class MAE(Objective):
         self.norm_pix_loss = norm_pix_loss
         self.crop_scale = tuple(crop_scale)
         self.hflip = hflip
-        p, c = backbone.patch_size, backbone.in_chans
-
         self.decoder_embed = nn.Linear(backbone.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        pos = sincos_2d(backbone.grid_size, decoder_dim)  # (1, N, Dd)
+        pos = sincos_padded(backbone.grid_size, decoder_dim)  # (1, N, Dd), any rank of token grid
         self.register_buffer("decoder_pos", pos, persistent=False)
         self.decoder_blocks = transformer(decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio)
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_dim, p * p * c)
+        self.decoder_pred = nn.Linear(decoder_dim, backbone.patch_pixels)
 
         for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
             module.apply(init_weights)
@@ -80,8 +79,8 @@ class MAE(Objective):
 
     def forward_encoder(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         bb = self.backbone
-        x = bb.embed_patches(imgs)  # (B, N, D)
-        ids_keep, mask, ids_restore = self.random_masking(x.shape[0], x.shape[1], x.device)
+        ids_keep, mask, ids_restore = self.random_masking(imgs.shape[0], bb.num_patches, imgs.device)
+        x = bb.embed_patches(bb.hide_masked(imgs, mask))  # (B, N, D); masked pixels hidden where embeddings overlap
         x = gather_tokens(x, ids_keep) + bb.pos_embed_for(ids_keep)  # (B, keep, D)
         latent = bb.forward_tokens(x)  # (B, P+keep, D)
         return latent, mask, ids_restore
@@ -111,7 +110,7 @@ class MAE(Objective):
         return (per_patch * mask).sum() / mask.sum()
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        imgs = batch["views"][0]  # (B, C, H, W)
+        imgs = batch["views"][0]  # (B, C, H, W), or the backbone's input_shape
         latent, mask, ids_restore = self.forward_encoder(imgs)
         pred = self.forward_decoder(latent, ids_restore)
         return {"loss": self.forward_loss(imgs, pred, mask)}

@@ -42,7 +42,8 @@ from .base import Objective, register
 
 @register("mpp")
 class MPP(Objective):
-    requires = ("supports_mask_token",)
+    requires = ("supports_token_access",)
+    reads = "patches"
 
     def __init__(
         self,
@@ -102,57 +103,62 @@ class MPP(Objective):
         return super().no_weight_decay() | {"mask_token"}
 
     # -- the MPP steps --------------------------------------------------------------------
-    def corrupt(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Corrupt `num_corrupt` random patch embeddings (B, N, D) per sample: mask token (p=0.8),
-        a random other patch of the batch (p=0.1), unchanged (p=0.1). Returns the corrupted
-        tokens and the (B, N) bool mask of corrupted patches."""
-        B, N, D = tokens.shape
-        ranks = torch.rand(B, N, device=tokens.device).argsort(dim=1).argsort(dim=1)
+    def corruption_plan(self, B: int, N: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Which of the (B, N) patches are corrupted (`num_corrupt` per sample), and how: the mask
+        token (p=0.8), a random other patch of the batch (p=0.1), unchanged (p=0.1)."""
+        ranks = torch.rand(B, N, device=device).argsort(dim=1).argsort(dim=1)
         corrupted = ranks < self.num_corrupt  # (B, N)
-        u = torch.rand(B, N, device=tokens.device)
+        u = torch.rand(B, N, device=device)
         to_mask = corrupted & (u < self.mask_prob)
         to_random = corrupted & (u >= self.mask_prob) & (u < self.mask_prob + self.random_prob)
-
-        flat = tokens.reshape(B * N, D)
-        own = torch.arange(B * N, device=tokens.device).view(B, N)
-        other = torch.randint(0, max(1, B * N - 1), (B, N), device=tokens.device)
+        own = torch.arange(B * N, device=device).view(B, N)
+        other = torch.randint(0, max(1, B * N - 1), (B, N), device=device)
         other = other + (other >= own).long()  # uniform over every patch but its own
         other = other.clamp(max=B * N - 1)  # (only matters for a batch of one single patch)
-        random_tokens = flat[other]  # (B, N, D)
+        return {"corrupted": corrupted, "to_mask": to_mask, "to_random": to_random, "other": other}
 
+    def corrupt(self, tokens: torch.Tensor, plan: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply a corruption plan (a fresh one by default) to patch embeddings (B, N, D). Returns
+        the corrupted tokens and the (B, N) bool mask of corrupted patches."""
+        B, N, D = tokens.shape
+        plan = plan or self.corruption_plan(B, N, tokens.device)
+        random_tokens = tokens.reshape(B * N, D)[plan["other"]]  # (B, N, D)
         token = self.mask_token.to(tokens.dtype).expand_as(tokens)
-        out = torch.where(to_random.unsqueeze(-1), random_tokens, tokens)
-        out = torch.where(to_mask.unsqueeze(-1), token, out)  # (B, N, D)
-        return out, corrupted
+        out = torch.where(plan["to_random"].unsqueeze(-1), random_tokens, tokens)
+        out = torch.where(plan["to_mask"].unsqueeze(-1), token, out)  # (B, N, D)
+        return out, plan["corrupted"]
 
     def pixels(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Normalised views (B, C, H, W) back to pixels in [0, 1]."""
+        """Normalised views (B, C, ...) back to pixels in [0, 1]."""
+        stats = (1, -1) + (1,) * (imgs.ndim - 2)
         if self.normalisation_known:
-            x = imgs.float() * self.pix_std.view(1, -1, 1, 1) + self.pix_mean.view(1, -1, 1, 1)
+            x = imgs.float() * self.pix_std.view(stats) + self.pix_mean.view(stats)
         else:
-            lo = imgs.float().amin(dim=(0, 2, 3), keepdim=True)  # (1, C, 1, 1): pixel 0
-            hi = imgs.float().amax(dim=(0, 2, 3), keepdim=True)  # pixel 1
+            dims = (0, *range(2, imgs.ndim))
+            lo = imgs.float().amin(dim=dims, keepdim=True)  # (1, C, 1, ...): pixel 0
+            hi = imgs.float().amax(dim=dims, keepdim=True)  # pixel 1
             x = (imgs.float() - lo) / (hi - lo).clamp_min(1e-6)
         return x.clamp(0.0, 1.0)
 
     @torch.no_grad()
     def targets(self, imgs: torch.Tensor) -> torch.Tensor:
         """Each patch's mean colour quantised to `bits` bits per channel, as one class (B, N)."""
-        p, levels = self.backbone.patch_size, 2 ** self.bits
-        colour = F.avg_pool2d(self.pixels(imgs), p)  # (B, C, gh, gw)
-        q = (colour * levels).floor().long().clamp(0, levels - 1)
-        weights = levels ** torch.arange(q.shape[1] - 1, -1, -1, device=q.device)  # (C,)
-        classes = (q * weights.view(1, -1, 1, 1)).sum(dim=1)  # (B, gh, gw)
-        return rearrange(classes, "b h w -> b (h w)")  # (B, N)
+        levels, c = 2 ** self.bits, self.backbone.in_chans
+        patches = rearrange(self.patchify(self.pixels(imgs)), "b n (q c) -> b n q c", c=c)  # (B, N, pixels, C)
+        q = (patches.mean(dim=2) * levels).floor().long().clamp(0, levels - 1)  # (B, N, C)
+        weights = levels ** torch.arange(c - 1, -1, -1, device=q.device)  # (C,)
+        return (q * weights).sum(dim=-1)  # (B, N)
 
     def forward_encoder(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bb = self.backbone
-        x, corrupted = self.corrupt(bb.embed_patches(imgs))  # (B, N, D), (B, N)
+        plan = self.corruption_plan(imgs.shape[0], bb.num_patches, imgs.device)
+        hidden = plan["to_mask"] | plan["to_random"]  # their pixels must not reach other tokens either
+        x, corrupted = self.corrupt(bb.embed_patches(bb.hide_masked(imgs, hidden.float())), plan)  # (B, N, D), (B, N)
         x = x + bb.pos_embed_for(None)
         return bb.forward_tokens(x)[:, bb.num_prefix_tokens :], corrupted  # (B, N, D)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        imgs = batch["views"][0]  # (B, C, H, W)
+        imgs = batch["views"][0]  # (B, C, H, W), or the backbone's input_shape
         tokens, corrupted = self.forward_encoder(imgs)
         logits = self.head(tokens[corrupted]).float()  # (M, classes)
         target = self.targets(imgs)[corrupted]  # (M,)

@@ -43,6 +43,7 @@ def auto_mask_patch_size(image_size: tuple[int, int], patch_size: int) -> int:
 @register("simmim")
 class SimMIM(Objective):
     requires = ("supports_mask_token",)
+    reads = "patches"
 
     def __init__(
         self,
@@ -54,18 +55,25 @@ class SimMIM(Objective):
         hflip: float = 0.5,
     ):
         super().__init__(backbone)
-        p, (h, w) = backbone.patch_size, backbone.image_size
-        if mask_patch_size is None:
-            mask_patch_size = auto_mask_patch_size((h, w), p)
-        if mask_patch_size < p or mask_patch_size % p or h % mask_patch_size or w % mask_patch_size:
-            raise ValueError(
-                f"mask_patch_size={mask_patch_size} must be a multiple of the patch size {p} that divides the "
-                f"image size {h}x{w}; allowed: "
-                f"{[m for m in range(p, min(h, w) + 1, p) if h % m == 0 and w % m == 0]}"
-            )
+        if len(backbone.grid_size) == 2:
+            p, (h, w) = backbone.patch_size, backbone.image_size
+            if mask_patch_size is None:
+                mask_patch_size = auto_mask_patch_size((h, w), p)
+            if mask_patch_size < p or mask_patch_size % p or h % mask_patch_size or w % mask_patch_size:
+                raise ValueError(
+                    f"mask_patch_size={mask_patch_size} must be a multiple of the patch size {p} that divides the "
+                    f"image size {h}x{w}; allowed: "
+                    f"{[m for m in range(p, min(h, w) + 1, p) if h % m == 0 and w % m == 0]}"
+                )
+            self.block_grid = (h // mask_patch_size, w // mask_patch_size)
+            self.block_side = mask_patch_size // p  # patches per block side
+        else:  # clips and signals: every token is its own mask block
+            if mask_patch_size is not None:
+                raise ValueError(f"mask_patch_size={mask_patch_size}: blocks are for 2-D images; leave it unset for a "
+                                 f"{len(backbone.grid_size)}-D token grid (each token is masked on its own)")
+            self.block_grid, self.block_side = tuple(backbone.grid_size), 1
         self.mask_patch_size = mask_patch_size
-        self.block_grid = (h // mask_patch_size, w // mask_patch_size)
-        n_blocks = self.block_grid[0] * self.block_grid[1]
+        n_blocks = math.prod(self.block_grid)
         self.num_masked = math.ceil(mask_ratio * n_blocks - 1e-9)  # the reference code's ceil
         if not 0.0 < mask_ratio < 1.0 or not 0 < self.num_masked < n_blocks:
             raise ValueError(
@@ -75,8 +83,8 @@ class SimMIM(Objective):
         self.mask_ratio = mask_ratio
         self.crop_scale, self.crop_ratio, self.hflip = tuple(crop_scale), tuple(crop_ratio), hflip
 
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, backbone.embed_dim))
-        self.head = nn.Linear(backbone.embed_dim, p * p * backbone.in_chans)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, backbone.mask_token_dim))
+        self.head = nn.Linear(backbone.embed_dim, backbone.patch_pixels)
         trunc_normal_(self.mask_token, std=0.02)
         self.head.apply(init_weights)
 
@@ -91,31 +99,30 @@ class SimMIM(Objective):
     def random_block_mask(self, batch: int, device: torch.device) -> torch.Tensor:
         """Each sample masks its own `num_masked` random mask blocks, upsampled to the patch grid.
         Returns (B, N) float, 1 = masked, in patch order."""
+        n_blocks, s = math.prod(self.block_grid), self.block_side
+        ranks = torch.rand(batch, n_blocks, device=device).argsort(dim=1).argsort(dim=1)  # (B, blocks)
+        blocks = (ranks < self.num_masked).float()  # (B, blocks)
+        if len(self.block_grid) != 2:
+            return blocks  # (B, N): one token per block
         bh, bw = self.block_grid
-        s = self.mask_patch_size // self.backbone.patch_size  # patches per block side
-        ranks = torch.rand(batch, bh * bw, device=device).argsort(dim=1).argsort(dim=1)  # (B, bh*bw)
-        blocks = (ranks < self.num_masked).float().view(batch, bh, bw)  # (B, bh, bw)
-        return repeat(blocks, "b h w -> b (h s1 w s2)", s1=s, s2=s)  # (B, N)
+        return repeat(blocks.view(batch, bh, bw), "b h w -> b (h s1 w s2)", s1=s, s2=s)  # (B, N)
 
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mask tokens in place of the masked patch embeddings, then positions, then the encoder
-        on all N tokens. Returns the patch tokens after the final norm (B, N, D)."""
-        bb = self.backbone
-        x = bb.embed_patches(imgs)  # (B, N, D)
-        token = self.mask_token.to(x.dtype).expand_as(x)
-        x = torch.where(mask.bool().unsqueeze(-1), token, x) + bb.pos_embed_for(None)  # (B, N, D)
-        return bb.forward_tokens(x)[:, bb.num_prefix_tokens :]  # (B, N, D)
+        """Mask tokens in place of the masked patch embeddings (before positions; at the first
+        stage's input for hierarchical backbones), then the encoder over everything. Returns the
+        patch tokens after the final norm (B, N, D)."""
+        return self.backbone.forward_masked(imgs, mask, self.mask_token)  # (B, N, D)
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """L1 over the masked patches' pixel values, divided once by how many there are."""
-        target = self.patchify(imgs)  # (B, N, p*p*C)
+        target = self.patchify(imgs)  # (B, N, patch_pixels)
         per_patch = (pred.float() - target).abs().sum(dim=-1)  # (B, N)
         return (per_patch * mask).sum() / (mask.sum() * target.shape[-1])
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         imgs = batch["views"][0]  # (B, C, H, W)
         mask = self.random_block_mask(imgs.shape[0], imgs.device)  # (B, N)
-        pred = self.head(self.forward_encoder(imgs, mask))  # (B, N, p*p*C)
+        pred = self.head(self.forward_encoder(imgs, mask))  # (B, N, patch_pixels)
         return {"loss": self.forward_loss(imgs, pred, mask)}
 
     @torch.no_grad()

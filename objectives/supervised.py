@@ -54,7 +54,8 @@ class Supervised(Objective):
             raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
         self.label_smoothing = label_smoothing
         self.crop_scale, self.hflip = tuple(crop_scale), hflip
-        self.views  # noqa: B018 -- validate the view settings now
+        if self.takes_images:
+            self.views  # noqa: B018 -- validate the view settings now
         self.head = linear_head(backbone.embed_dim, self.num_classes)
 
     @property

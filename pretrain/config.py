@@ -94,7 +94,8 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        name = self.train.run_name or f"{self.objective['name']}-{self.backbone['name']}-{self.digest()}"
+        backbone = str(self.backbone["name"]).replace(":", "-")  # timm:NAME -> timm-NAME, a portable folder name
+        name = self.train.run_name or f"{self.objective['name']}-{backbone}-{self.digest()}"
         return Path(self.train.out_dir) / name
 
 

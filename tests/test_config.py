@@ -39,7 +39,7 @@ def test_invalid_settings_fail_before_work(override, message):
 
 @pytest.mark.parametrize("override, message", [
     ("backbone.image_size=30", "backbone.image_size=30 is not divisible by patch_size=4"),
-    ("backbone.name=resnet", "unknown backbone 'resnet'; registered backbones are: .*simple_vit, vit"),
+    ("backbone.name=resnet", "unknown backbone 'resnet'; registered backbones are: .*simple_vit, .*vit_3d, .*or timm:NAME"),
     ("objective.mask_ratio=1.5", "objective.mask_ratio=1.5 must be strictly between 0 and 1"),
 ])
 def test_component_errors_name_the_config_field(override, message):

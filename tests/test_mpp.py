@@ -166,8 +166,8 @@ def test_views_and_parameter_groups():
 
 
 
-def test_refuses_backbone_without_mask_token():
-    with pytest.raises(CapabilityError, match="needs a backbone with supports_mask_token"):
+def test_refuses_backbone_without_token_access():
+    with pytest.raises(CapabilityError, match="needs a backbone with supports_token_access"):
         objectives.create("mpp", PooledOnlyBackbone())
 
 
