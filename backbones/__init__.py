@@ -18,6 +18,7 @@ from .base import (
     load,
     load_classifier,
     load_meta,
+    read_state_dict,
     register,
     save,
     save_head,
@@ -29,4 +30,4 @@ for _module in sorted(m.name for m in _pkgutil.iter_modules(__path__)):
         _importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = ["Backbone", "CapabilityError", "Classifier", "build_config", "create", "example_config", "list_backbones",
-           "load", "load_classifier", "load_meta", "register", "save", "save_head"]
+           "load", "load_classifier", "load_meta", "read_state_dict", "register", "save", "save_head"]

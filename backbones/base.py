@@ -261,6 +261,22 @@ def save(model: Backbone, directory: str | Path, extra: dict[str, Any] | None = 
     return directory
 
 
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from a user's file: .safetensors, or a torch file read with weights_only=True (so
+    nothing in it is executed), unwrapped from DeiT's {"model": ...} or Lightning's
+    {"state_dict": ...}."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
 def load_meta(path: str | Path) -> dict[str, Any]:
     """The backbone.json of a checkpoint or backbone folder."""
     path = Path(path)

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from .base import save, save_head
+from .base import read_state_dict, save, save_head
 from .convert import from_vit_pytorch, vit_pytorch_families
 
 
@@ -31,12 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = json.loads(args.kwargs)
     except json.JSONDecodeError as e:
         raise SystemExit(f"--kwargs is not JSON ({e}): write it like '{{\"image_size\": 224, \"patch_size\": 16}}'")
-    if args.checkpoint.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(args.checkpoint)
-    else:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)  # never unpickles code
+    state = read_state_dict(args.checkpoint)  # weights_only: nothing in the file is executed
     model = from_vit_pytorch(args.family, state, **kwargs)
     save(model.backbone, args.out, extra={"converted_from": f"vit-pytorch {args.family}"})
     save_head(model.head, args.out)

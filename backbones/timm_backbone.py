@@ -19,24 +19,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .base import Backbone
-from .layers import gather_tokens
+from .base import Backbone, read_state_dict
 
 PREFIX = "timm:"
-
-
-def _read_weights(path: str) -> dict[str, torch.Tensor]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"weights={path!r} is not a file: give a local .safetensors or .pth file (nothing is downloaded)")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
-    for key in ("model", "state_dict"):  # DeiT's and Lightning's wrappers
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return state
 
 
 def _plain_vit(model: nn.Module) -> bool:
@@ -83,7 +68,10 @@ class TimmBackbone(Backbone):
             self.num_prefix_tokens = 0
 
     def _load(self, weights: str) -> None:
-        state = _read_weights(weights)
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"weights={weights!r} is not a file: give a local .safetensors or .pth file "
+                                    "(nothing is downloaded)")
+        state = read_state_dict(weights)
         head = set(k for k in state if k.split(".")[0] in ("head", "fc", "classifier", "head_dist"))
         own = set(self.model.state_dict())
         dropped = head - own
@@ -125,10 +113,6 @@ class TimmBackbone(Backbone):
         self._need_vit()
         m = self.model
         return m.pos_embed if m.no_embed_class else m.pos_embed[:, m.num_prefix_tokens:]  # (1, N, D)
-
-    def pos_embed_for(self, ids: torch.Tensor | None) -> torch.Tensor:
-        pos = self.patch_positions()
-        return pos if ids is None else gather_tokens(pos.expand(ids.shape[0], -1, -1), ids)
 
     def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         self._need_vit()

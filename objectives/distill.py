@@ -92,17 +92,6 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
-def _state_dict(weights: str) -> dict[str, torch.Tensor]:
-    if weights.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(weights)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):  # DeiT's and Lightning's wrappers
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return state
-
-
 def load_teacher(teacher: str, weights: str | None, num_classes: int, in_chans: int) -> tuple[nn.Module, dict]:
     """(frozen model: images -> logits (B, K), its preprocess {image_size, channels, mean, std}; {}
     for a timm teacher, which sees the student's views as they are)."""
@@ -120,7 +109,7 @@ def load_teacher(teacher: str, weights: str | None, num_classes: int, in_chans: 
         except RuntimeError as e:  # timm's "Unknown model"
             raise ValueError(f"teacher={teacher!r}: {e}; see timm.list_models()") from None
         try:
-            model.load_state_dict(_state_dict(weights), strict=True)
+            model.load_state_dict(backbones.read_state_dict(weights), strict=True)
         except RuntimeError as e:
             first = str(e).strip().splitlines()
             raise ValueError(
