@@ -20,9 +20,12 @@ _EXPORTS = {
     "read_manifest": "data.shards",
     "shard_urls": "data.shards",
     "Batch": "data.stream",
+    "DataError": "data.stream",
     "ShardLoader": "data.stream",
     "ViewSpec": "data.augment",
     "DeviceAugment": "data.augment",
+    "MixUp": "data.augment",
+    "RandAugment": "data.augment",
     "eval_transform": "data.augment",
 }
 

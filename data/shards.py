@@ -1,43 +1,81 @@
-"""Webdataset shards: write them (from arrays, encoded images, an image folder or the built-in
-dataset), describe them in a manifest, and turn a user's shard spec into a list of URLs.
+"""Webdataset shards: write them (from arrays, encoded images, an image folder, a CSV/JSONL list
+or the built-in dataset), describe them in a manifest, check them, and turn a user's shard spec
+into a list of URLs.
 
 Shard format: tar files ``{prefix}-{i:06d}.tar``; each sample is ``{key}.png`` (8-bit grey "L" or
-"RGB"; a JPEG source is copied as ``{key}.jpg``) plus ``{key}.cls`` (ASCII integer label).
-``manifest.json`` beside the tars lists them with their counts and the dataset's statistics.
+"RGB") or ``{key}.jpg``, plus ``{key}.cls`` (ASCII integer label) when the set is labelled.
+``manifest.json`` beside the tars lists them with their counts, bytes and sha256, the classes and
+the dataset's pixel statistics.
 
-CLI::
+CLI (``python -m data.shards --help`` and ``... write --help`` say more)::
 
-    python -m data.shards write fashion-mnist OUT [--split train|test|all] [--shard-size N]
-    python -m data.shards write IMAGE_FOLDER OUT [--shard-size N]     # IMAGE_FOLDER/<class>/*.png|jpg
-    python -m data.shards inspect OUT
+    python -m data.shards write SRC OUT [--shard-size N] [--shard-bytes 500MB] [--encode keep|png|jpeg]
+        [--quality Q] [--resize N] [--workers N] [--holdout F --seed S] [--classes FILE] [--quiet]
+        # SRC: fashion-mnist | an image folder SRC/<class>/* | a .csv (path[,label]) | a .jsonl list
+    python -m data.shards inspect OUT     # the manifest summary; checks every shard's presence, size, sha256
+    python -m data.shards verify OUT      # decodes every sample; lists each bad one
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import glob
+import hashlib
 import io
 import json
+import multiprocessing
 import os
 import re
 import struct
 import sys
+import tarfile
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from data.sources import (
+    BUILTIN,
+    IMAGE_SUFFIXES,
+    Listing,
+    SourceError,
+    builtin_listing,
+    check_fraction,
+    holdout_split,
+    image_folder_classes,
+    image_folder_files,
+    image_folder_samples,
+    open_listing,
+    parse_size,
+    read_classes_file,
+)
+
+__all__ = [  # image_folder_* and IMAGE_SUFFIXES live in data.sources and stay importable from here
+    "MANIFEST", "MANIFEST_FORMAT", "IMAGE_SUFFIXES", "EncodeOptions", "encode_png", "encode_jpeg", "decode_image",
+    "sniff_format", "to_pixels", "shrink", "prepare_image", "write_shards", "read_manifest", "shard_urls",
+    "check_shard_files", "verify_shard", "verify_shards", "shard_sets", "ordered_map", "image_folder_classes",
+    "image_folder_files", "image_folder_samples", "main",
+]
+
 MANIFEST = "manifest.json"
+# Format 1 throughout: later fields (per-shard "bytes"/"sha256", "labelled", writer options) are
+# additions that older readers ignore, and manifests written before them still read.
 MANIFEST_FORMAT = 1
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+ENCODINGS = ("keep", "png", "jpeg")
+DEFAULT_SHARD_SIZE = 2500
+CHUNK = 64  # samples per task sent to a worker process at most: large enough to hide the pickling cost
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
+_OBJECT_REPR = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")
 
-# An image given to write_shards: pixels or an already encoded file.
-ImageLike = Any  # np.ndarray (H,W)|(H,W,C) · torch.Tensor (H,W)|(C,H,W) · bytes (PNG, JPEG, ...)
+# An image given to write_shards: pixels, an already encoded file, or the path of one.
+ImageLike = Any  # np.ndarray (H,W)|(H,W,C) · torch.Tensor (H,W)|(C,H,W) · bytes (PNG, JPEG, ...) · Path
 OnError = Callable[[str, Exception], None]
 
 
@@ -67,6 +105,15 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def encode_jpeg(pixels: np.ndarray, quality: int = 95) -> bytes:
+    """JPEG bytes (Pillow, baseline, default chroma subsampling) of uint8 (H, W) or (H, W, 3) pixels."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -116,23 +163,164 @@ def to_pixels(image: Any) -> np.ndarray:
     return array
 
 
-def _encode_sample(image: ImageLike) -> tuple[bytes, str, np.ndarray]:
-    """(stored bytes, extension, pixels) for one image given as pixels or as encoded bytes.
+def shrink(pixels: np.ndarray, short_side: int | None) -> np.ndarray | None:
+    """``pixels`` resized so the shorter side is ``short_side`` (aspect ratio kept, bilinear with
+    Pillow's antialiasing), or None when it is already that small: never upscaled, since that
+    adds bytes but no detail, and the loader resizes to the training size anyway."""
+    height, width = pixels.shape[:2]
+    if short_side is None or min(height, width) <= short_side:
+        return None
+    from PIL import Image
 
-    Encoded PNG (grey or RGB) and JPEG bytes are stored unchanged; other formats and modes are
-    decoded and re-encoded as PNG so that every shard holds only L/RGB PNGs or JPEGs.
+    if width <= height:
+        size = (short_side, max(1, round(height * short_side / width)))  # Pillow sizes are (W, H)
+    else:
+        size = (max(1, round(width * short_side / height)), short_side)
+    return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR))
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How images are stored.
+
+    encode: "keep" copies PNG and JPEG bytes (grey or RGB) as they are and stores anything else
+            (pixels, other formats) as PNG; an image that --resize shrinks keeps its format
+            (a JPEG source is re-encoded as JPEG at ``quality``). "png" / "jpeg" store every
+            image in that format.
+    quality: JPEG quality (1-100) of every JPEG this writer encodes.
+    resize: shorter side in pixels for images larger than that (see ``shrink``), or None.
     """
+
+    encode: str = "keep"
+    quality: int = 95
+    resize: int | None = None
+
+    def check(self) -> None:
+        if self.encode not in ENCODINGS:
+            raise ValueError(f"encode={self.encode!r} is not one of {list(ENCODINGS)}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality={self.quality} is outside 1..100; JPEG quality 90-95 keeps detail")
+        if self.resize is not None and self.resize < 1:
+            raise ValueError(f"resize={self.resize} must be a positive shorter side in pixels (or None)")
+
+
+class Moments(NamedTuple):
+    """Exact integer pixel sums of one stored image, for the manifest's mean and std."""
+
+    channels: int
+    pixels: int
+    total: np.ndarray  # (C,) int64
+    squares: np.ndarray  # (C,) int64
+    size: tuple[int, int]  # (H, W)
+
+
+def moments(pixels: np.ndarray) -> Moments:
+    channels = 1 if pixels.ndim == 2 else 3
+    flat = pixels.reshape(-1, channels)  # (H*W, C)
+    return Moments(
+        channels,
+        flat.shape[0],
+        flat.sum(axis=0, dtype=np.int64),
+        np.einsum("pc,pc->c", flat, flat, dtype=np.int64),
+        tuple(pixels.shape[:2]),
+    )
+
+
+class Prepared(NamedTuple):
+    data: bytes
+    ext: str  # "png" | "jpg"
+    moments: Moments
+
+
+def prepare_image(image: ImageLike, options: EncodeOptions = EncodeOptions()) -> Prepared:
+    """The bytes to store for one image, their extension and the stored pixels' moments.
+
+    The statistics describe what a reader decodes, except after a JPEG re-encode, where they are
+    those of the pixels before compression (differences are far below what normalisation needs).
+    """
+    if isinstance(image, os.PathLike):
+        image = Path(image).read_bytes()
+    original, kind = None, None
     if isinstance(image, (bytes, bytearray, memoryview)):
-        data = bytes(image)
-        pixels, mode = decode_image(data)
-        kind = sniff_format(data)
-        if kind == "jpg" and mode in ("L", "RGB"):
-            return data, "jpg", pixels
-        if kind == "png" and mode in ("L", "RGB"):
-            return data, "png", pixels
-        return encode_png(pixels), "png", pixels
-    pixels = to_pixels(image)
-    return encode_png(pixels), "png", pixels
+        original = bytes(image)
+        pixels, mode = decode_image(original)
+        kind = sniff_format(original) if mode in ("L", "RGB") else None
+    else:
+        pixels = to_pixels(image)
+    smaller = shrink(pixels, options.resize)
+    if smaller is not None:
+        pixels, original = smaller, None
+    if options.encode == "keep" and original is not None and kind is not None:
+        return Prepared(original, kind, moments(pixels))
+    target = {"keep": kind or "png", "png": "png", "jpeg": "jpg"}[options.encode]
+    data = encode_png(pixels) if target == "png" else encode_jpeg(pixels, options.quality)
+    return Prepared(data, target, moments(pixels))
+
+
+def _error_text(exn: BaseException) -> str:
+    """``Type: message`` without object addresses (Pillow names a BytesIO by its address), so the
+    same failure reads the same in every run and every worker."""
+    return f"{type(exn).__name__}: {_OBJECT_REPR.sub('', str(exn))}"
+
+
+class ImageError(ValueError):
+    """An image could not be read, decoded or encoded. Built in the worker from the original
+    exception's type and message, so the error text is the same whatever the worker count."""
+
+
+def _prepare_chunk(chunk: Sequence[ImageLike], options: EncodeOptions) -> list[Prepared | ImageError]:
+    """Worker task: prepare each image of a chunk; an unreadable one becomes an ImageError."""
+    results: list[Prepared | ImageError] = []
+    for image in chunk:
+        try:
+            results.append(prepare_image(image, options))
+        except Exception as exn:  # noqa: BLE001  any failure of one image is that image's problem
+            results.append(ImageError(_error_text(exn)))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Worker processes
+# --------------------------------------------------------------------------------------------
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """fork where the OS has it: workers then need no importable __main__ (a notebook, stdin and
+    an unguarded script work, where spawn fails and respawns workers forever) and start in
+    milliseconds. They run only numpy/Pillow code, never torch or its thread pools (torch's own
+    DataLoader forks its workers the same way)."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def ordered_map(fn: Callable[[Any], Any], tasks: Iterable[Any], workers: int) -> Iterator[Any]:
+    """``map(fn, tasks)`` over ``workers`` processes, results in task order.
+
+    At most 2 x workers tasks are in flight, so a long input is never read (or held) all at once.
+    With workers <= 1 it runs in this process. Close the iterator to stop early.
+    """
+    if workers <= 1:
+        yield from map(fn, tasks)
+        return
+    with _pool_context().Pool(workers) as pool:
+        pending: deque = deque()
+        for task in tasks:
+            pending.append(pool.apply_async(fn, (task,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,12 +338,13 @@ class _Stats:
     sizes: set[tuple[int, int]] = field(default_factory=set)
 
     def add(self, pixels: np.ndarray) -> None:
-        channels = 1 if pixels.ndim == 2 else 3
-        flat = pixels.reshape(-1, channels)
-        self.count[channels] += flat.shape[0]
-        self.total[channels] += flat.sum(axis=0, dtype=np.int64)
-        self.squares[channels] += np.einsum("pc,pc->c", flat, flat, dtype=np.int64)
-        self.sizes.add(pixels.shape[:2])
+        self.add_moments(moments(pixels))
+
+    def add_moments(self, m: Moments) -> None:
+        self.count[m.channels] += m.pixels
+        self.total[m.channels] += m.total
+        self.squares[m.channels] += m.squares
+        self.sizes.add(tuple(m.size))
 
     def summary(self) -> dict[str, Any]:
         """channels (3 if any image is RGB), per-channel mean/std of pixel/255, image size or None."""
@@ -196,29 +385,46 @@ def _tar_template() -> bytes:
 
 _TAR_TEMPLATE = _tar_template()
 _TAR_BLOCK = 512
-_TAR_RECORD = 20 * _TAR_BLOCK
+# A tar ends with two zero blocks. Padding the file to a 10 KiB record is a tape-era habit no
+# reader needs (tarfile, GNU tar and webdataset read the file without it); leaving it out makes
+# --shard-bytes an exact bound instead of one rounded up to 10 KiB.
+
+
+def _member_bytes(size: int) -> int:
+    """Bytes a member of ``size`` data bytes takes in the tar: header + data padded to a block."""
+    return _TAR_BLOCK + size + (-size % _TAR_BLOCK)
 
 
 class _TarShard:
-    """One shard being written: a tar under a temporary name, renamed to its final name on close."""
+    """One shard being written: a tar under a temporary name, renamed to its final name on close.
+    Its sha256 is computed on the bytes as they are written, so checksums cost no second read."""
 
     def __init__(self, path: Path):
         self.path = path
         self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         self.file = open(self.tmp, "wb")
+        self.sha256 = hashlib.sha256()
         self.count = 0
         self.offset = 0
 
-    def add(self, name: str, data: bytes) -> None:
-        padding = -len(data) % _TAR_BLOCK
-        self.file.write(_tar_header(name, len(data)) + data + b"\0" * padding)
-        self.offset += _TAR_BLOCK + len(data) + padding
+    def _write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.sha256.update(data)
 
-    def close(self) -> None:
-        end = self.offset + 2 * _TAR_BLOCK  # end-of-archive: two zero blocks, padded to a record
-        self.file.write(b"\0" * (2 * _TAR_BLOCK + (-end % _TAR_RECORD)))
+    def add(self, name: str, data: bytes) -> None:
+        self._write(_tar_header(name, len(data)) + data + b"\0" * (-len(data) % _TAR_BLOCK))
+        self.offset += _member_bytes(len(data))
+
+    def size_with(self, member_sizes: Sequence[int]) -> int:
+        """The file size this shard would close at after adding members of these data sizes."""
+        return self.offset + sum(_member_bytes(size) for size in member_sizes) + 2 * _TAR_BLOCK
+
+    def close(self) -> dict[str, Any]:
+        """Finish the tar (end-of-archive: two zero blocks); its manifest entry."""
+        self._write(b"\0" * (self.size_with([]) - self.offset))
         self.file.close()
         os.replace(self.tmp, self.path)
+        return {"file": self.path.name, "count": self.count, "bytes": self.path.stat().st_size, "sha256": self.sha256.hexdigest()}
 
     def abort(self) -> None:
         self.file.close()
@@ -235,6 +441,23 @@ def _check_key(key: str, seen: set[str]) -> None:
     seen.add(key)
 
 
+def _check_label(key: str, label: Any, classes: Sequence[str]) -> int | None:
+    """The label as an int index (None for an unlabelled set, where ``classes`` is empty)."""
+    if not classes:
+        if label is not None:
+            raise ValueError(
+                f"sample {key!r} has label {label!r} but classes is empty (an unlabelled set): "
+                "give the class names, or None as every label"
+            )
+        return None
+    if label is None:
+        raise ValueError(f"sample {key!r} has no label but {len(classes)} classes were given; label every sample")
+    label = int(label)
+    if not 0 <= label < len(classes):
+        raise ValueError(f"sample {key!r}: label {label} is outside 0..{len(classes) - 1} ({len(classes)} classes)")
+    return label
+
+
 def _write_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
@@ -248,78 +471,189 @@ def _remove_stale(out: Path, prefix: str, keep: set[str]) -> None:
             old.unlink()
 
 
+def _chunk_size(total: int | None, workers: int) -> int:
+    """Samples per worker task: CHUNK, or fewer for a small set so every worker gets some."""
+    if total is None or workers <= 1:
+        return CHUNK
+    return max(1, min(CHUNK, total // (4 * workers)))
+
+
+def _portable(image: ImageLike) -> ImageLike:
+    """A torch tensor as numpy pixels (cheap to send to a worker); a bad one is left for the
+    worker to reject, so that it is skipped like any unreadable image."""
+    if not hasattr(image, "detach"):
+        return image
+    try:
+        return to_pixels(image)
+    except ValueError:
+        return image
+
+
+def _prepared_samples(
+    samples: Iterable[tuple[str, ImageLike, Any]], classes: Sequence[str], options: EncodeOptions, workers: int,
+    total: int | None = None,
+) -> Iterator[tuple[str, int | None, Prepared | ImageError]]:
+    """``(key, label, prepared image or its error)`` in input order. Keys and labels are checked
+    here, as samples are read, so a bad one stops the write before its image is even decoded."""
+    keys: set[str] = set()
+    pending: deque = deque()  # (key, label) of the samples sent out, in order
+
+    def checked() -> Iterator[ImageLike]:
+        for key, image, label in samples:
+            _check_key(key, keys)
+            pending.append((key, _check_label(key, label, classes)))
+            yield _portable(image)
+
+    work = functools.partial(_prepare_chunk, options=options)
+    chunks = _chunks(checked(), _chunk_size(total, workers))
+    with contextlib.closing(ordered_map(work, chunks, workers)) as results:
+        for chunk in results:
+            for prepared in chunk:
+                key, label = pending.popleft()
+                yield key, label, prepared
+
+
+def _progress(enabled: bool | str, total: int | None):
+    """A tqdm bar on stderr counting samples (read, written or skipped), or None."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    desc = enabled if isinstance(enabled, str) else None
+    return tqdm(total=total, desc=desc, unit=" samples", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+
+
+class _ShardSequence:
+    """The shards of one set as samples arrive: opens, fills and closes tars at the limits, and
+    tallies what the manifest reports (entries, pixel statistics, class counts)."""
+
+    def __init__(self, out: Path, prefix: str, shard_size: int | None, shard_bytes: int | None, num_classes: int):
+        self.out, self.prefix, self.shard_size, self.shard_bytes = out, prefix, shard_size, shard_bytes
+        self.entries: list[dict[str, Any]] = []
+        self.stats = _Stats()
+        self.class_counts = [0] * num_classes
+        self.shard: _TarShard | None = None
+
+    def add(self, key: str, label: int | None, prepared: Prepared) -> None:
+        members = [(f"{key}.{prepared.ext}", prepared.data)]
+        if label is not None:
+            members.append((f"{key}.cls", str(label).encode("ascii")))
+        if self.shard is not None and self.shard_bytes is not None:
+            if self.shard.size_with([len(data) for _, data in members]) > self.shard_bytes:
+                self._close()
+        if self.shard is None:
+            self.shard = _TarShard(self.out / f"{self.prefix}-{len(self.entries):06d}.tar")
+        for name, data in members:
+            self.shard.add(name, data)
+        self.shard.count += 1
+        self.stats.add_moments(prepared.moments)
+        if label is not None:
+            self.class_counts[label] += 1
+        if self.shard.count == self.shard_size:
+            self._close()
+
+    def _close(self) -> None:
+        self.entries.append(self.shard.close())
+        self.shard = None
+
+    def finish(self) -> list[dict[str, Any]]:
+        if self.shard is not None:
+            self._close()
+        return self.entries
+
+    def abort(self) -> None:
+        if self.shard is not None:
+            self.shard.abort()
+
+
+def _check_limits(shard_size: int | None, shard_bytes: int | None, workers: int) -> None:
+    if shard_size is None and shard_bytes is None:
+        raise ValueError("give shard_size (samples per shard) or shard_bytes (bytes per shard), or both")
+    if shard_size is not None and shard_size < 1:
+        raise ValueError(f"shard_size={shard_size} must be at least 1")
+    if shard_bytes is not None and shard_bytes < 1:
+        raise ValueError(f"shard_bytes={shard_bytes} must be at least 1")
+    if workers < 1:
+        raise ValueError(f"workers={workers} must be at least 1")
+
+
 def write_shards(
-    samples: Iterable[tuple[str, ImageLike, int]],
+    samples: Iterable[tuple[str, ImageLike, Any]],
     out_dir: str | os.PathLike,
     *,
-    shard_size: int,
+    shard_size: int | None = None,
     classes: Sequence[str],
     prefix: str = "shard",
     on_error: OnError | None = None,
+    shard_bytes: int | None = None,
+    encode: str = "keep",
+    quality: int = 95,
+    resize: int | None = None,
+    workers: int = 1,
+    progress: bool | str = False,
+    total: int | None = None,
 ) -> dict:
     """Write ``(key, image, label)`` samples as webdataset tars plus ``manifest.json``; return the manifest.
 
     ``image`` is uint8 pixels (numpy (H, W) / (H, W, C), torch (H, W) / (C, H, W); C = 1 or 3),
-    stored as PNG, or encoded image bytes: PNG and JPEG (grey or RGB) are copied as they are,
-    anything else Pillow reads is re-encoded as PNG. ``label`` indexes ``classes``.
+    encoded image bytes, or the path of an image file (read in the worker). How it is stored:
+    ``encode``, ``quality``, ``resize`` (see EncodeOptions; the default copies PNG/JPEG bytes).
+    ``label`` indexes ``classes``; an empty ``classes`` makes an unlabelled set: every label is
+    None, samples get no ``.cls`` and the manifest says ``"labelled": false``.
+
+    A shard closes at ``shard_size`` samples or before it would pass ``shard_bytes`` bytes
+    (a sample larger than that alone gets a shard of its own), whichever comes first.
+    ``workers`` > 1 decodes/resizes/encodes in that many processes; the files written are
+    byte-identical whatever the count. ``progress`` shows a tqdm bar on stderr (a string names it);
+    ``total`` (else ``len(samples)`` when it has one) sizes it.
+
     An image that cannot be decoded raises ValueError naming its key, unless ``on_error(key, exn)``
     is given: then it is called and the sample skipped. Each tar is written under a temporary name
     and renamed when complete; the manifest is written last.
     """
-    if shard_size < 1:
-        raise ValueError(f"shard_size={shard_size} must be at least 1")
-    if not classes:
-        raise ValueError("classes is empty; give the class names that labels index")
+    _check_limits(shard_size, shard_bytes, workers)
+    options = EncodeOptions(encode, quality, resize)
+    options.check()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # a half-rewritten folder must not look complete
-    stats, keys = _Stats(), set()
-    class_counts = [0] * len(classes)
-    shards: list[dict[str, Any]] = []
-    shard: _TarShard | None = None
+    total = total if total is not None else getattr(samples, "__len__", lambda: None)()
+    shards, skipped = _ShardSequence(out, prefix, shard_size, shard_bytes, len(classes)), 0
+    bar = _progress(progress, total)
     try:
-        for key, image, label in samples:
-            _check_key(key, keys)
-            label = int(label)
-            if not 0 <= label < len(classes):
-                raise ValueError(f"sample {key!r}: label {label} is outside 0..{len(classes) - 1} ({len(classes)} classes)")
-            try:
-                data, ext, pixels = _encode_sample(image)
-            except Exception as exn:
-                if on_error is None:
-                    raise ValueError(f"sample {key!r}: cannot encode or decode its image: {exn}") from exn
-                on_error(key, exn)
-                continue
-            if shard is None:
-                shard = _TarShard(out / f"{prefix}-{len(shards):06d}.tar")
-            shard.add(f"{key}.{ext}", data)
-            shard.add(f"{key}.cls", str(label).encode("ascii"))
-            shard.count += 1
-            stats.add(pixels)
-            class_counts[label] += 1
-            if shard.count == shard_size:
-                shard.close()
-                shards.append({"file": shard.path.name, "count": shard.count})
-                shard = None
-        if shard is not None:
-            shard.close()
-            shards.append({"file": shard.path.name, "count": shard.count})
-            shard = None
+        for key, label, prepared in _prepared_samples(samples, classes, options, workers, total):
+            if bar is not None:
+                bar.update(1)
+            if not isinstance(prepared, ImageError):
+                shards.add(key, label, prepared)
+            elif on_error is None:
+                raise ValueError(f"sample {key!r}: cannot encode or decode its image: {prepared}")
+            else:
+                on_error(key, prepared)
+                skipped += 1
+        entries = shards.finish()
     finally:
-        if shard is not None:
-            shard.abort()
-    if not shards:
+        shards.abort()
+        if bar is not None:
+            bar.close()
+    if not entries:
         raise ValueError(f"no samples to write to {out}: the input was empty or every image was unreadable")
     manifest = {
         "format": MANIFEST_FORMAT,
-        "num_samples": sum(s["count"] for s in shards),
+        "num_samples": sum(s["count"] for s in entries),
+        "labelled": bool(classes),
         "classes": list(classes),
-        "class_counts": class_counts,
-        "shards": shards,
-        **stats.summary(),
+        "class_counts": shards.class_counts,
+        "shards": entries,
+        **shards.stats.summary(),
         "shard_size": shard_size,
+        "shard_bytes": shard_bytes,
+        "encode": encode,
+        "quality": quality,
+        "resize": resize,
+        "skipped": skipped,
     }
-    _remove_stale(out, prefix, {s["file"] for s in shards})
+    _remove_stale(out, prefix, {s["file"] for s in entries})
     _write_json(out / MANIFEST, manifest)
     return manifest
 
@@ -330,7 +664,10 @@ def write_shards(
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of a shard folder (``path`` = the folder or its manifest.json)."""
+    """The manifest of a shard folder (``path`` = the folder or its manifest.json).
+
+    ``labelled`` is filled in for manifests written before it existed (labelled = has classes).
+    """
     path = Path(path).expanduser()
     file = path / MANIFEST if path.is_dir() else path
     if not file.is_file():
@@ -342,8 +679,10 @@ def read_manifest(path: str | os.PathLike) -> dict:
         manifest = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as exn:
         raise ValueError(f"{file} is not a readable JSON manifest: {exn}; rewrite the shards") from exn
-    if manifest.get("format") != MANIFEST_FORMAT or "shards" not in manifest:
-        raise ValueError(f"{file}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT} with a 'shards' list")
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or "shards" not in manifest:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ValueError(f"{file}: format {found!r}, expected {MANIFEST_FORMAT} with a 'shards' list")
+    manifest.setdefault("labelled", bool(manifest.get("classes")))
     return manifest
 
 
@@ -362,7 +701,7 @@ def _folder_urls(folder: Path) -> list[str]:
 def _expand_spec(spec: str | os.PathLike) -> list[str]:
     text = os.fspath(spec)
     if text.startswith("pipe:"):
-        return [text]  # a shell command: passed through untouched
+        return _brace_expand(text)  # one shell command per shard, as webdataset expands them
     if _URL_SCHEME.match(text):
         return _brace_expand(text)  # http(s)://, s3://, gs://, ...: remote, cannot be checked here
     path = Path(text).expanduser()
@@ -386,7 +725,7 @@ def _expand_spec(spec: str | os.PathLike) -> list[str]:
 
 def shard_urls(spec: Any) -> list[str]:
     """Shard URLs from a folder (its manifest's files, else sorted ``*.tar``), a ``.tar`` path, a
-    brace pattern (``train-{000000..000009}.tar``), a glob, a URL (``pipe:`` passed through;
+    brace pattern (``train-{000000..000009}.tar``), a glob, a URL (``pipe:`` commands brace-expanded into one per shard;
     ``http(s)://``, ``s3://``, ... brace-expanded) or a list of these. Raises naming the spec
     when nothing matches.
     """
@@ -407,40 +746,136 @@ def shard_urls(spec: Any) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Sources for the CLI
+# Checking written shards: files against the manifest (inspect), every sample (verify)
 # --------------------------------------------------------------------------------------------
 
 
-def image_folder_classes(root: Path) -> list[str]:
-    """Sorted names of the class subfolders of an image folder ``root/<class>/*.png|jpg|jpeg``."""
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist; expected {root}/<class>/*.png|jpg|jpeg")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise ValueError(f"image folder {root} has no class subfolders; expected {root}/<class>/*.png|jpg|jpeg")
-    return classes
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def image_folder_files(root: Path, classes: Sequence[str]) -> list[tuple[Path, int]]:
-    """``(file, label)`` for every image under each class folder, in a stable sorted order."""
-    files = []
-    for label, name in enumerate(classes):
-        for path in sorted((root / name).rglob("*")):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                files.append((path, label))
-    return files
+def check_shard_files(folder: str | os.PathLike) -> list[tuple[str, str]]:
+    """``(file, problem)`` for each shard of a manifest that is missing, has another size, or
+    another sha256 than the manifest records. Manifests written before checksums existed get
+    the presence check only."""
+    folder = Path(folder)
+    problems = []
+    for entry in read_manifest(folder)["shards"]:
+        path = folder / entry["file"]
+        if not path.is_file():
+            problems.append((entry["file"], "missing"))
+        elif "bytes" in entry and path.stat().st_size != entry["bytes"]:
+            problems.append((entry["file"], f"size {path.stat().st_size} bytes, manifest says {entry['bytes']}"))
+        elif "sha256" in entry and _sha256_file(path) != entry["sha256"]:
+            problems.append((entry["file"], "sha256 differs from the manifest's (the file was modified)"))
+    return problems
 
 
-def image_folder_samples(files: Sequence[tuple[Path, int]], on_error: OnError) -> Iterable[tuple[str, bytes, int]]:
-    """``(key, file bytes, label)``; keys ``sample_{index:08d}`` follow the file order, so they are stable."""
-    for index, (path, label) in enumerate(files):
-        key = f"sample_{index:08d}"
-        try:
-            data = path.read_bytes()
-        except OSError as exn:
-            on_error(key, exn)
+def _split_name(name: str) -> tuple[str, str]:
+    """(key, extension) as webdataset splits a member name: at the first dot of its base name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _check_sample(files: dict[str, bytes], labelled: bool, num_classes: int) -> str | None:
+    """Why one sample is bad, or None."""
+    from PIL import Image
+
+    images = [ext for ext in files if ext in ("png", "jpg", "jpeg")]
+    if len(images) != 1:
+        return f"{len(images)} image members ({', '.join(sorted(files)) or 'none'}); expected one .png or .jpg"
+    try:
+        with Image.open(io.BytesIO(files[images[0]])) as image:
+            image.load()
+    except Exception as exn:  # noqa: BLE001  any decoder failure is this sample's problem
+        return f"image does not decode ({_error_text(exn)})"
+    if not labelled:
+        return None
+    if "cls" not in files:
+        return "no .cls label, but the manifest says the set is labelled"
+    text = files["cls"].decode("ascii", "replace").strip()
+    if not re.fullmatch(r"\d+", text) or int(text) >= num_classes:
+        return f"label {text!r} is not an integer in 0..{num_classes - 1}"
+    return None
+
+
+def _read_members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, bytes | None]]:
+    """(key, extension, data) of each regular member; data None when the file ends inside it."""
+    for member in tar:
+        if not member.isfile():
             continue
-        yield key, data, label
+        data = tar.extractfile(member).read()
+        key, ext = _split_name(member.name)
+        yield key, ext, data if len(data) == member.size else None
+
+
+def verify_shard(task: tuple[str, bool, int, int | None]) -> tuple[int, list[tuple[str, str]]]:
+    """``(samples read, [(key, problem)])`` of one shard ``(path, labelled, num classes, count)``:
+    tar structure (members whole, end-of-archive marker present), each image decodes, each label
+    present (when labelled) and in range, and the sample count the manifest records."""
+    path, labelled, num_classes, expected = task
+    if not Path(path).is_file():
+        return 0, [("-", "shard file is missing")]
+    samples: dict[str, dict[str, bytes]] = {}
+    problems: list[tuple[str, str]] = []
+    end = None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for key, ext, data in _read_members(tar):
+                if data is None:
+                    raise tarfile.ReadError(f"the file ends inside member {key}.{ext}")
+                samples.setdefault(key, {})[ext] = data
+            end = tar.offset
+    except (tarfile.TarError, OSError, EOFError) as exn:
+        problems.append(("-", f"truncated or corrupt tar after {len(samples)} sample(s) ({_error_text(exn)})"))
+    for key, files in samples.items():
+        reason = _check_sample(files, labelled, num_classes)
+        if reason:
+            problems.append((key, reason))
+    if end is not None and not _ends_with_marker(path, end):
+        problems.append(("-", f"no end-of-archive marker after byte {end}: the file is cut short or has trailing data"))
+    if expected is not None and len(samples) != expected:
+        problems.append(("-", f"{len(samples)} samples, the manifest lists {expected}"))
+    return len(samples), problems
+
+
+def _ends_with_marker(path: str, offset: int) -> bool:
+    """Whether two zero blocks follow the last member, as a complete tar has them."""
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(2 * _TAR_BLOCK) == b"\0" * (2 * _TAR_BLOCK)
+
+
+def verify_shards(folder: str | os.PathLike, workers: int = 1) -> tuple[int, list[tuple[str, str, str]]]:
+    """``(samples read, [(shard file, key, problem)])`` over every shard of a manifest."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    labelled, num_classes = manifest["labelled"], len(manifest.get("classes", []))
+    entries = manifest["shards"]
+    tasks = [(str(folder / e["file"]), labelled, num_classes, e.get("count")) for e in entries]
+    total, problems = 0, []
+    with contextlib.closing(ordered_map(verify_shard, tasks, min(workers, len(tasks)))) as results:
+        for entry, (count, found) in zip(entries, results):
+            total += count
+            problems.extend((entry["file"], key, reason) for key, reason in found)
+    return total, problems
+
+
+def shard_sets(path: str | os.PathLike) -> list[Path]:
+    """The shard folders under ``path``: itself if it holds a manifest, else its subfolders that
+    do (OUT/train, OUT/val, OUT/test as ``write`` makes them)."""
+    path = Path(path).expanduser()
+    if path.is_file() or (path / MANIFEST).is_file():
+        return [path.parent if path.is_file() else path]
+    found = sorted(p for p in path.iterdir() if (p / MANIFEST).is_file()) if path.is_dir() else []
+    if not found:
+        read_manifest(path)  # raises the usual "no manifest.json" error
+    return found
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,103 +883,202 @@ def image_folder_samples(files: Sequence[tuple[Path, int]], on_error: OnError) -
 # --------------------------------------------------------------------------------------------
 
 
+def _human_bytes(size: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
 def _describe(manifest: dict, out: Path) -> str:
     size = manifest["image_size"]
     size_text = f"{size[0]}x{size[1]}" if size else "mixed sizes"
     mean = ", ".join(f"{m:.4f}" for m in manifest["mean"])
     std = ", ".join(f"{s:.4f}" for s in manifest["std"])
+    labels = f"{len(manifest['classes'])} classes" if manifest.get("labelled", True) else "unlabelled"
+    stored = sum(s.get("bytes", 0) for s in manifest["shards"])
     return (
-        f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {out} "
-        f"({len(manifest['classes'])} classes, {size_text}, {manifest['channels']} channel(s), "
-        f"mean [{mean}], std [{std}])"
+        f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards ({_human_bytes(stored)}) to {out} "
+        f"({labels}, {size_text}, {manifest['channels']} channel(s), mean [{mean}], std [{std}])"
     )
 
 
-def _write_builtin(args: argparse.Namespace) -> int:
-    from data.builtin import FASHION_MNIST_CLASSES, fashion_mnist_samples
+@dataclass
+class _Target:
+    """One shard set to write: its samples, folder and file prefix."""
 
-    split = args.split or "all"
-    out = Path(args.out)
-    targets = {"train": out / "train", "test": out / "test"} if split == "all" else {split: out}
-    for name, folder in targets.items():
-        samples = fashion_mnist_samples(name, args.fashion_mnist_dir)
-        manifest = write_shards(
-            samples, folder, shard_size=args.shard_size, classes=FASHION_MNIST_CLASSES, prefix=args.prefix or name
-        )
-        print(_describe(manifest, folder))
-    return 0
+    listing: Listing
+    folder: Path
+    prefix: str
 
 
-def _write_folder(args: argparse.Namespace) -> int:
+def _write_options(args: argparse.Namespace) -> dict[str, Any]:
+    """write_shards keyword arguments from the CLI, checked (SourceError names the option)."""
+    if args.shard_size is not None and args.shard_size < 1:
+        raise SourceError(f"--shard-size {args.shard_size} must be at least 1 (samples per shard)")
+    shard_bytes = parse_size(args.shard_bytes) if args.shard_bytes is not None else None
+    shard_size = args.shard_size if args.shard_size or shard_bytes else DEFAULT_SHARD_SIZE
+    if not 1 <= args.quality <= 100:
+        raise SourceError(f"--quality {args.quality} is outside 1..100; 90-95 keeps detail, 75 is smaller")
+    if args.resize is not None and args.resize < 1:
+        raise SourceError(f"--resize {args.resize} must be a positive shorter side in pixels, e.g. 256")
+    if args.workers < 1:
+        raise SourceError(f"--workers {args.workers} must be at least 1 (processes that decode and encode)")
+    if args.holdout is not None:
+        check_fraction(args.holdout)
+    return dict(shard_size=shard_size, shard_bytes=shard_bytes, encode=args.encode, quality=args.quality,
+                resize=args.resize, workers=args.workers)
+
+
+def _builtin_targets(args: argparse.Namespace) -> list[_Target]:
+    if args.classes is not None:
+        raise SourceError(f"--classes applies to image folders and lists; {BUILTIN} has its own 10 classes")
+    split, out = args.split or "all", Path(args.out)
+    if split == "test" and args.holdout is not None:
+        raise SourceError("--holdout splits the train split of fashion-mnist; use --split train or all (its test split is already held out)")
+    names = ["train", "test"] if split == "all" else [split]
+    nested = len(names) > 1 or args.holdout is not None
+    targets = [_Target(builtin_listing(n, args.fashion_mnist_dir), out / n if nested else out, args.prefix or n) for n in names]
+    if args.holdout is not None:
+        train, val = holdout_split(targets[0].listing, args.holdout, args.seed)
+        targets[:1] = [_Target(train, out / "train", args.prefix or "train"), _Target(val, out / "val", args.prefix or "val")]
+    return targets
+
+
+def _source_targets(args: argparse.Namespace) -> list[_Target]:
     if args.split is not None:
-        print("error: --split applies to the built-in dataset only (SRC = fashion-mnist)", file=sys.stderr)
-        return 2
-    root = Path(args.src)
-    classes = image_folder_classes(root)
-    files = image_folder_files(root, classes)
-    paths = {f"sample_{i:08d}": path for i, (path, _) in enumerate(files)}
-    failed: list[str] = []
+        raise SourceError(f"--split applies to the built-in dataset only (SRC = {BUILTIN}); drop it for {args.src}")
+    classes = read_classes_file(args.classes) if args.classes is not None else None
+    listing, out = open_listing(args.src, classes), Path(args.out)
+    if args.holdout is None:
+        return [_Target(listing, out, args.prefix or "shard")]
+    train, val = holdout_split(listing, args.holdout, args.seed)
+    return [_Target(train, out / "train", args.prefix or "train"), _Target(val, out / "val", args.prefix or "val")]
 
-    def report(key: str, exn: Exception) -> None:
-        failed.append(f"{paths[key]}: {exn}")
 
-    manifest = write_shards(
-        image_folder_samples(files, report),
-        args.out,
-        shard_size=args.shard_size,
-        classes=classes,
-        prefix=args.prefix or "shard",
-        on_error=report,
-    )
-    for line in failed:
-        print(f"skipped unreadable image {line}")
-    print(_describe(manifest, Path(args.out)) + (f"; skipped {len(failed)} unreadable file(s)" if failed else ""))
+def _write(args: argparse.Namespace) -> int:
+    options = _write_options(args)
+    targets = _builtin_targets(args) if args.src == BUILTIN else _source_targets(args)
+    for target in targets:
+        failed: list[str] = []
+
+        def report(key: str, exn: Exception, origins: dict = target.listing.origins) -> None:
+            failed.append(f"{origins.get(key, key)}: {exn}")
+
+        manifest = write_shards(
+            target.listing.items, target.folder, classes=target.listing.classes, prefix=target.prefix,
+            on_error=report, progress=False if args.quiet else target.folder.name, **options,
+        )
+        for line in failed:
+            print(f"skipped unreadable image {line}")
+        print(_describe(manifest, target.folder) + (f"; skipped {len(failed)} unreadable file(s)" if failed else ""))
     return 0
 
 
-def _inspect(args: argparse.Namespace) -> int:
-    manifest = read_manifest(args.out)
-    print(f"{args.out}: {manifest['num_samples']} samples, {len(manifest['shards'])} shards")
+def _print_summary(folder: Path, manifest: dict) -> None:
+    print(f"{folder}: {manifest['num_samples']} samples, {len(manifest['shards'])} shards")
     size = manifest.get("image_size")
     print(f"images: {'x'.join(map(str, size)) if size else 'mixed sizes'}, {manifest.get('channels')} channel(s)")
     print(f"mean: {manifest.get('mean')}  std: {manifest.get('std')}")
-    print("classes:")
-    for index, (name, count) in enumerate(zip(manifest["classes"], manifest["class_counts"])):
-        print(f"  {index:4d}  {name:<24} {count}")
-    print("shards:")
-    for entry in manifest["shards"]:
-        print(f"  {entry['file']}  {entry['count']}")
-    return 0
+    if "encode" in manifest:
+        print(f"written with: encode {manifest['encode']}, quality {manifest.get('quality')}, resize "
+              f"{manifest.get('resize')}, shard size {manifest.get('shard_size')}, shard bytes "
+              f"{manifest.get('shard_bytes')}; {manifest.get('skipped', 0)} unreadable image(s) skipped")
+    if manifest["labelled"]:
+        print("classes:")
+        for index, (name, count) in enumerate(zip(manifest["classes"], manifest["class_counts"])):
+            print(f"  {index:4d}  {name:<24} {count}")
+    else:
+        print("classes: none (unlabelled)")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    bad_total = 0
+    for folder in shard_sets(args.out):
+        manifest = read_manifest(folder)
+        _print_summary(folder, manifest)
+        problems = dict(check_shard_files(folder))
+        checked = "sha256" if all("sha256" in s for s in manifest["shards"]) else "presence only (no checksums recorded)"
+        print(f"shards (checked: {checked}):")
+        for entry in manifest["shards"]:
+            status = f"BAD: {problems[entry['file']]}" if entry["file"] in problems else "ok"
+            print(f"  {entry['file']}  {entry['count']}  {entry.get('bytes', '?')} bytes  {status}")
+        if problems:
+            names = ", ".join(f"{name} ({why})" for name, why in problems.items())
+            print(f"error: {len(problems)} of {len(manifest['shards'])} shard(s) in {folder} are bad: {names}", file=sys.stderr)
+        bad_total += len(problems)
+    return 1 if bad_total else 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise SourceError(f"--workers {args.workers} must be at least 1")
+    bad_total = 0
+    for folder in shard_sets(args.out):
+        count, problems = verify_shards(folder, args.workers)
+        for shard, key, reason in problems:
+            print(f"BAD {shard} {key}: {reason}")
+        print(f"{folder}: {count} samples read, {len(problems)} problem(s)")
+        bad_total += len(problems)
+    if bad_total:
+        print(f"error: verify found {bad_total} bad sample(s) or shard(s), listed above", file=sys.stderr)
+    return 1 if bad_total else 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data.shards", description="Write and inspect webdataset shards.")
+    parser = _Parser(prog="python -m data.shards", description="Write, inspect and verify webdataset shards.")
     commands = parser.add_subparsers(dest="command", required=True)
-    write = commands.add_parser("write", help="write shards from the built-in dataset or an image folder")
-    write.add_argument("src", help="'fashion-mnist' (built-in) or an image folder laid out SRC/<class>/*.png|jpg|jpeg")
-    write.add_argument("out", help="output folder (fashion-mnist with --split all: OUT/train and OUT/test)")
-    write.add_argument("--shard-size", type=int, default=2500, help="samples per shard (default 2500)")
+    write = commands.add_parser("write", help="write shards from the built-in dataset, an image folder or a CSV/JSONL list")
+    write.add_argument("src", help=f"'{BUILTIN}' (built-in), an image folder SRC/<class>/*.png|jpg|jpeg (SRC/*.png: "
+                                   "unlabelled), a .csv with a header path[,label] or a .jsonl of {\"path\": ..., "
+                                   "\"label\": ...} (paths relative to the list's folder or absolute)")
+    write.add_argument("out", help="output folder (with --holdout: OUT/train and OUT/val; fashion-mnist: OUT/train, OUT/test)")
+    write.add_argument("--shard-size", type=int, default=None,
+                       help=f"samples per shard (default {DEFAULT_SHARD_SIZE}; none when only --shard-bytes is given)")
+    write.add_argument("--shard-bytes", default=None, help="bytes per shard at most, e.g. 500MB, 2G, 64MiB; "
+                                                            "a shard closes at whichever limit comes first")
+    write.add_argument("--encode", choices=ENCODINGS, default="keep",
+                       help="keep: copy PNG/JPEG bytes, others to PNG (default); png / jpeg: store every image so")
+    write.add_argument("--quality", type=int, default=95, help="JPEG quality 1-100 for images this writer encodes (default 95)")
+    write.add_argument("--resize", type=int, default=None, metavar="N",
+                       help="shrink images so the shorter side is N (aspect kept, bilinear, antialiased); never upscales")
+    write.add_argument("--workers", type=int, default=1, help="processes that read, resize and encode (default 1); "
+                                                               "output is byte-identical for any count")
+    write.add_argument("--holdout", type=float, default=None, metavar="FRACTION",
+                       help="also write a held-out split: OUT/train and OUT/val (stratified per class when labelled)")
+    write.add_argument("--seed", type=int, default=0, help="seed of the --holdout draw (default 0)")
+    write.add_argument("--classes", default=None, metavar="FILE",
+                       help="class names, one a line, in label order (keeps indices equal across separately written sets)")
     write.add_argument("--split", choices=["train", "test", "all"], default=None, help="built-in dataset split (default all)")
     write.add_argument("--fashion-mnist-dir", default=None, help="folder holding the Fashion-MNIST IDX files")
     write.add_argument("--prefix", default=None, help="shard file prefix (default: the split, or 'shard')")
-    inspect = commands.add_parser("inspect", help="print a shard folder's manifest summary")
-    inspect.add_argument("out", help="shard folder (or its manifest.json)")
+    write.add_argument("--quiet", action="store_true", help="no progress bar")
+    inspect = commands.add_parser("inspect", help="print a manifest summary and check every shard's presence, size and sha256")
+    inspect.add_argument("out", help="shard folder (or its manifest.json, or a folder of such folders)")
+    verify = commands.add_parser("verify", help="decode every sample of every shard and list the bad ones")
+    verify.add_argument("out", help="shard folder (or a folder of such folders)")
+    verify.add_argument("--workers", type=int, default=1, help="processes, one shard each at a time (default 1)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m data.shards``."""
-    args = _parser().parse_args(argv)
-    if args.command == "inspect":
-        return _inspect(args)
-    if args.shard_size < 1:
-        print(f"error: --shard-size {args.shard_size} must be at least 1", file=sys.stderr)
-        return 2
+    """Entry point of ``python -m data.shards``: 0 done, 1 bad shards found, 2 bad input."""
     try:
-        if args.src == "fashion-mnist":
-            return _write_builtin(args)
-        return _write_folder(args)
-    except (OSError, ValueError) as exn:  # bad folder, no images, bad dataset files: say so, no traceback
+        args = _parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a one-line usage error: a status, for in-process callers too
+        return int(stop.code or 0)
+    run = {"write": _write, "inspect": _inspect, "verify": _verify}[args.command]
+    try:
+        return run(args)
+    except (OSError, ValueError) as exn:  # bad source, option, folder or manifest: say so, no traceback
         print(f"error: {exn}", file=sys.stderr)
         return 2
 

@@ -1,10 +1,27 @@
 """Streaming uint8 batches from webdataset shards: split by rank and worker, seeded shuffles,
 corrupt samples skipped and counted, and a two-integer position for exact resume.
 
-Order of work in a worker: its shards (after the per-epoch shard shuffle and the rank / worker
+Two modes:
+
+- epochs (default): each epoch reads every shard once, so every sample is seen exactly once per
+  epoch across all ranks; the order is a pure function of (seed, epoch).
+- resampled (``resampled=True``): endless, for sets too big for epochs. "Virtual epoch" e reads
+  ``shards_per_epoch`` shards drawn WITH replacement by an RNG seeded from (seed, e), split by rank
+  and worker exactly like an epoch, so the position stays {epoch, batch} and resuming stays exact.
+
+Order of work in a worker: its shards (after the per-epoch shard order and the rank / worker
 split) are read as tar streams, samples grouped by key, shuffled in a seeded buffer, decoded to
 ``channels`` at ``image_size`` (shorter side resized, centre crop) and batched. The only
-randomness is the two shuffles; random augmentation belongs on the accelerator (data.augment).
+randomness is the shard order and the sample shuffle; random augmentation belongs on the
+accelerator (data.augment).
+
+Shard URLs are what webdataset accepts: local paths (``file://`` too), ``pipe:CMD`` (a shell
+command writing the tar to stdout), ``http(s)://`` (curl), ``s3://`` (the AWS CLI, which
+webdataset 1.0.2 does not know), ``gs://`` (gsutil) and webdataset's other schemes. The command
+behind a scheme is a template with ``{url}``: override it with ``url_commands={"s3": "..."}`` or
+the environment variable ``VIT_SSL_S3_COMMAND`` (``VIT_SSL_<SCHEME>_COMMAND`` in general). A
+shard whose command fails is skipped and counted like a corrupt sample; the message names the
+URL, the command, its exit status and the end of its stderr.
 """
 
 from __future__ import annotations
@@ -12,16 +29,23 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import os
 import random
+import re
+import shlex
+import struct
+import subprocess
 import tarfile
-import warnings
+import tempfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset.gopen import gopen_schemes
 from einops import rearrange
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -32,11 +56,24 @@ log = logging.getLogger(__name__)
 
 _IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 _MAX_WARNINGS_PER_WORKER = 5
+_SHARDS_FIX = "write smaller shards with `python -m data.shards write SRC OUT --shard-size N`"
+
+DEFAULT_URL_COMMANDS: dict[str, str] = {
+    "http": "curl --fail --silent --show-error --location --connect-timeout 30 --retry 3 {url}",
+    "https": "curl --fail --silent --show-error --location --connect-timeout 30 --retry 3 {url}",
+    "s3": "aws s3 cp {url} -",
+    "gs": "gsutil cat {url}",
+}
+
+
+class DataError(RuntimeError):
+    """The shards cannot feed the run: too many corrupt samples, no readable sample in an epoch, or
+    fewer samples than a batch. The message names the shards and the setting to change."""
 
 
 class Batch(NamedTuple):
-    """A batch: uint8 images (B, C, H, W), int64 labels (B,), and the corrupt samples the producing
-    worker skipped since its previous batch."""
+    """A batch: uint8 images (B, C, H, W), int64 labels (B,) (-1 where a sample has no label and
+    labels=False), and the corrupt samples the producing worker skipped since its previous batch."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -44,14 +81,20 @@ class Batch(NamedTuple):
 
 
 class _Piece(NamedTuple):
-    """What a worker sends: a full batch, or (tail=True) its last, possibly empty, partial batch;
-    ``bad`` maps shard URL -> corrupt samples met there since the previous piece."""
+    """What a worker sends: a full batch, or (tail=True) its last, possibly empty, partial batch.
+
+    ``bad`` maps shard URL -> corrupt samples met there since the previous piece, ``errors`` shard
+    URL -> the first reason. A ``discarded`` piece is a full batch the main process is certain to
+    drop while resuming: its samples were checked to decode but its images are empty (0, C, H, W).
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     skipped: int
     bad: dict[str, int]
+    errors: dict[str, str]
     tail: bool
+    discarded: bool
 
 
 @dataclass(frozen=True)
@@ -65,6 +108,10 @@ class _StreamConfig:
     world_size: int
     shuffle: bool
     shuffle_buffer: int
+    labels: bool = True
+    resampled: bool = False
+    shards_per_epoch: int = 0  # resampled mode: shards drawn per virtual epoch
+    commands: tuple[tuple[str, str], ...] = ()  # URL scheme -> command template
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,36 +127,171 @@ def epoch_shards(urls: tuple[str, ...], seed: int, epoch: int, shuffle: bool) ->
     return order
 
 
+def resampled_shards(urls: tuple[str, ...], seed: int, epoch: int, draws: int) -> list[str]:
+    """The shards of virtual epoch ``epoch``: ``draws`` of them, drawn with replacement by an RNG
+    seeded from (seed, epoch), so any position is recomputed from two integers."""
+    return random.Random(f"vit-ssl/resampled/{seed}/{epoch}").choices(urls, k=draws)
+
+
 def worker_shards(cfg: _StreamConfig, epoch: int, worker: int, num_workers: int) -> list[str]:
     """Shards of one worker: every world_size-th of the epoch's list from ``rank``, then every
     num_workers-th of those from ``worker``."""
-    ranked = epoch_shards(cfg.urls, cfg.seed, epoch, cfg.shuffle)[cfg.rank :: cfg.world_size]
-    return ranked[worker::num_workers]
+    if cfg.resampled:
+        order = resampled_shards(cfg.urls, cfg.seed, epoch, cfg.shards_per_epoch)
+    else:
+        order = epoch_shards(cfg.urls, cfg.seed, epoch, cfg.shuffle)
+    return order[cfg.rank :: cfg.world_size][worker::num_workers]
 
 
 # --------------------------------------------------------------------------------------------
-# Reading and decoding inside a worker
+# Opening a shard URL
 # --------------------------------------------------------------------------------------------
 
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_STDERR_TAIL = 600
 
-class _Tally:
-    """Corrupt samples a worker met since its last piece, per shard (plus capped log warnings)."""
 
-    def __init__(self) -> None:
-        self.bad: Counter[str] = Counter()
-        self.warned = 0
+def resolve_url_commands(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """URL scheme -> command template (``{url}`` marks the URL): the defaults, then any
+    ``VIT_SSL_<SCHEME>_COMMAND`` environment variable, then ``overrides``."""
+    commands, origin = dict(DEFAULT_URL_COMMANDS), {}
+    for name, value in os.environ.items():
+        match = re.fullmatch(r"VIT_SSL_([A-Z0-9]+)_COMMAND", name)
+        if match and value.strip():
+            commands[match.group(1).lower()], origin[match.group(1).lower()] = value, f"${name}"
+    for scheme, template in (overrides or {}).items():
+        commands[scheme.lower()], origin[scheme.lower()] = template, f"url_commands[{scheme!r}]"
+    for scheme, template in commands.items():
+        if "{url}" not in template:
+            raise ValueError(
+                f"url command for {scheme}:// is {template!r} ({origin.get(scheme, 'default')}), which has no "
+                f"{{url}}; write the command with {{url}} where the shard URL goes, e.g. 'aws s3 cp {{url}} -'"
+            )
+    return commands
 
-    def skip(self, url: str, what: str, exn: BaseException | str) -> None:
-        self.bad[url] += 1
-        if self.warned < _MAX_WARNINGS_PER_WORKER:
-            self.warned += 1
-            log.warning("skipping %s in %s: %s", what, url, exn)
 
-    def piece(self, images: torch.Tensor, labels: list[int], tail: bool) -> _Piece:
-        """A piece carrying the corrupt counts since the previous one (and resetting them)."""
-        bad, self.bad = dict(self.bad), Counter()
-        return _Piece(images, torch.tensor(labels, dtype=torch.int64), sum(bad.values()), bad, tail)
+def url_scheme(url: str) -> str | None:
+    """'pipe', the lower-cased scheme of ``scheme://...``, or None for a local path."""
+    if url.startswith("pipe:"):
+        return "pipe"
+    match = _URL_SCHEME.match(url)
+    return match.group(1).lower() if match else None
 
+
+def _check_schemes(urls: list[str], commands: Mapping[str, str]) -> None:
+    """Fail at construction on a URL no reader knows (rather than skipping every shard later)."""
+    known = set(commands) | {"pipe", "file"} | (set(gopen_schemes) - {"__default__"})
+    for url in urls:
+        scheme = url_scheme(url)
+        if scheme is not None and scheme not in known:
+            raise ValueError(
+                f"shard URL {url!r}: no reader for {scheme}://; known schemes: {', '.join(sorted(known))}. "
+                f"Give the command that streams it with ShardLoader(url_commands={{'{scheme}': 'CMD {{url}}'}}) "
+                f"or VIT_SSL_{scheme.upper()}_COMMAND, or write the URL as pipe:CMD"
+            )
+
+
+class _CommandSource:
+    """The stdout of a command that streams one shard. Its stderr goes to a temporary file so that
+    a failure can be reported with the command, the exit status and what the command said."""
+
+    def __init__(self, command: list[str] | str, url: str):
+        self.command = command if isinstance(command, str) else shlex.join(command)
+        self.url = url
+        self.stderr = tempfile.TemporaryFile()
+        self.eof = False
+        try:
+            self.proc = subprocess.Popen(
+                command, shell=isinstance(command, str), stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=self.stderr, bufsize=1 << 20,
+            )
+        except OSError as exn:  # the program is not installed
+            self.stderr.close()
+            raise OSError(
+                f"cannot run `{self.command}` for {url}: {exn}; install it, or set the command for this "
+                f"scheme with ShardLoader(url_commands=...) or VIT_SSL_<SCHEME>_COMMAND"
+            ) from None
+
+    def read(self, size: int) -> bytes:
+        data = self.proc.stdout.read(size)
+        if size and not data:
+            self.eof = True
+        return data
+
+    def finish(self) -> None:
+        """After the end-of-archive block: drain the rest, then fail if the command failed."""
+        while self.proc.stdout.read(1 << 16):
+            pass
+        self.eof = True
+        failure = self._wait()
+        if failure:
+            raise OSError(failure)
+
+    def abort(self) -> str | None:
+        """Stop early (a read error, or the consumer stopped): the command's failure if it failed."""
+        if not self.eof:
+            self.proc.kill()  # still running: it has more to say, but nobody listens
+            self.proc.wait()
+            self._close()
+            return None
+        try:
+            return self._wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            self._close()
+            return None
+
+    def _wait(self, timeout: float | None = None) -> str | None:
+        status = self.proc.wait(timeout)
+        said = ""
+        if status != 0:
+            self.stderr.seek(0)
+            said = self.stderr.read().decode("utf-8", "replace").strip()[-_STDERR_TAIL:]
+        self._close()
+        if status == 0:
+            return None
+        return f"`{self.command}` exited with status {status}" + (f": {said}" if said else " (no stderr)")
+
+    def _close(self) -> None:
+        self.proc.stdout.close()
+        self.stderr.close()
+
+
+class _FileSource:
+    """A local file (or any object with read/close, such as webdataset's gopen result)."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.read = stream.read
+
+    def finish(self) -> None:
+        self.stream.close()  # webdataset's pipes report a failed command here
+
+    def abort(self) -> str | None:
+        try:
+            self.stream.close()
+        except Exception as exn:  # already failing: report it with the first error
+            return str(exn)
+        return None
+
+
+def _open_source(url: str, commands: Mapping[str, str]) -> _CommandSource | _FileSource:
+    scheme = url_scheme(url)
+    if scheme is None:
+        return _FileSource(open(url, "rb", buffering=1 << 20))
+    if scheme == "file":
+        return _FileSource(open(url[len("file://") :], "rb", buffering=1 << 20))
+    if scheme == "pipe":
+        return _CommandSource(url[len("pipe:") :], url)
+    if scheme in commands:
+        return _CommandSource([part.replace("{url}", url) for part in shlex.split(commands[scheme])], url)
+    return _FileSource(wds.gopen(url, "rb"))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading tar streams
+# --------------------------------------------------------------------------------------------
 
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
@@ -166,7 +348,7 @@ def _tar_entries(stream: Any) -> Iterator[tuple[str, bytes]]:
             raise tarfile.ReadError("archive ends without its end-of-archive block (truncated)")
         if header == _ZERO_BLOCK:
             return
-        if _octal(header[148:156], "checksum") != sum(header[:148]) + 256 + sum(header[156:]):
+        if _octal(header[148:156], "checksum") != sum(header) - sum(header[148:156]) + 256:
             raise tarfile.ReadError("tar header checksum mismatch (corrupt or not a tar)")
         size = int(pax["size"]) if "size" in pax else _octal(header[124:136], "size")
         data = _read_exact(stream, size + (-size % _BLOCK))
@@ -193,27 +375,25 @@ def _ustar_name(header: bytes) -> str:
     return name
 
 
-def _tar_members(url: str) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each regular file of the tar at ``url`` (a path or any webdataset URL:
-    pipe:, http(s), s3, ...); ``.tar.gz`` / ``.tgz`` are decompressed on the fly."""
-    stream = wds.gopen(url, "rb")
+def _tar_members(url: str, commands: Mapping[str, str]) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file of the tar at ``url``; ``.tar.gz`` / ``.tgz`` are
+    decompressed on the fly. A failed command is reported in place of the read error it caused."""
+    source = _open_source(url, commands)
     try:
         if url.endswith((".gz", ".tgz")):
-            with gzip.GzipFile(fileobj=stream) as unzipped:
+            with gzip.GzipFile(fileobj=source) as unzipped:
                 yield from _tar_entries(unzipped)
         else:
-            yield from _tar_entries(stream)
-    except BaseException:  # includes the consumer stopping early (GeneratorExit)
-        _close_quietly(stream)
+            yield from _tar_entries(source)
+    except Exception as exn:
+        failure = source.abort()
+        if failure:
+            raise OSError(f"{failure} (reading stopped: {exn})") from exn
         raise
-    stream.close()  # a pipe: command that failed reports its exit status here
-
-
-def _close_quietly(stream: Any) -> None:
-    try:
-        stream.close()
-    except Exception as exn:  # already failing or abandoned: the first error is the one to report
-        log.debug("closing a shard stream failed: %s", exn)
+    except BaseException:  # the consumer stopped early (GeneratorExit): just stop the command
+        source.abort()
+        raise
+    source.finish()
 
 
 def _split_name(name: str) -> tuple[str | None, str]:
@@ -225,12 +405,36 @@ def _split_name(name: str) -> tuple[str | None, str]:
     return name[:dot], name[dot + 1 :].lower()
 
 
-def _shard_samples(url: str, tally: _Tally) -> Iterator[dict[str, Any]]:
+class _Tally:
+    """Corrupt samples a worker met since its last piece, per shard, with the first reason per
+    shard (plus capped log warnings)."""
+
+    def __init__(self) -> None:
+        self.bad: Counter[str] = Counter()
+        self.errors: dict[str, str] = {}
+        self.warned = 0
+
+    def skip(self, url: str, what: str, exn: BaseException | str) -> None:
+        self.bad[url] += 1
+        self.errors.setdefault(url, f"{what}: {exn}")
+        if self.warned < _MAX_WARNINGS_PER_WORKER:
+            self.warned += 1
+            log.warning("skipping %s in %s: %s", what, url, exn)
+
+    def piece(self, images: torch.Tensor, labels: list[int], tail: bool, discarded: bool = False) -> _Piece:
+        """A piece carrying the corrupt counts since the previous one (and resetting them)."""
+        bad, self.bad = dict(self.bad), Counter()
+        errors, self.errors = self.errors, {}
+        labels_t = torch.tensor(labels, dtype=torch.int64)
+        return _Piece(images, labels_t, sum(bad.values()), bad, errors, tail, discarded)
+
+
+def _shard_samples(url: str, commands: Mapping[str, str], tally: _Tally) -> Iterator[dict[str, Any]]:
     """Samples (dicts of extension -> bytes, with __key__ and __url__) of one shard; a shard that
     cannot be opened or read to its end is counted once and the rest of it skipped."""
     current: dict[str, Any] | None = None
     try:
-        for name, data in _tar_members(url):
+        for name, data in _tar_members(url, commands):
             key, ext = _split_name(name)
             if key is None or key.startswith("__"):
                 continue
@@ -242,13 +446,13 @@ def _shard_samples(url: str, tally: _Tally) -> Iterator[dict[str, Any]]:
             current[ext] = data
         if current is not None:
             yield current
-    except Exception as exn:  # truncated or unreadable shard: count it, skip the rest
+    except Exception as exn:  # truncated or unreadable shard, failed command: count it, skip the rest
         tally.skip(url, "the rest of the shard", exn)
 
 
-def _samples(urls: list[str], tally: _Tally) -> Iterator[dict[str, Any]]:
+def _samples(urls: list[str], commands: Mapping[str, str], tally: _Tally) -> Iterator[dict[str, Any]]:
     for url in urls:
-        yield from _shard_samples(url, tally)
+        yield from _shard_samples(url, commands, tally)
 
 
 def _shuffled(samples: Iterator[dict[str, Any]], buffer: int, seed: str) -> Iterator[dict[str, Any]]:
@@ -256,22 +460,108 @@ def _shuffled(samples: Iterator[dict[str, Any]], buffer: int, seed: str) -> Iter
     return wds.filters.shuffle(buffer, initial=buffer, rng=random.Random(seed))(samples)
 
 
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3}  # colour type -> channels: grey, RGB
+
+
+def _png_chunks(data: bytes) -> Iterator[tuple[bytes, memoryview]]:
+    """(type, body) of each chunk, up to and including IEND, with lengths and CRCs checked;
+    raises ValueError on anything doubtful."""
+    view, pos = memoryview(data), len(_PNG_MAGIC)
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        end = pos + 8 + length
+        if end + 4 > len(data) or zlib.crc32(view[pos + 4 : end]) != struct.unpack_from(">I", data, end)[0]:
+            raise ValueError("bad chunk")
+        yield kind, view[pos + 8 : end]
+        if kind == b"IEND":
+            if end + 4 != len(data):
+                raise ValueError("data after IEND")
+            return
+        pos = end + 4
+    raise ValueError("no IEND")
+
+
+def _png_pixels(data: bytes) -> np.ndarray | None:
+    """Pixels (H, W) or (H, W, 3) of a plain PNG, decoded with zlib alone, else None.
+
+    Plain = what data.shards writes: 8-bit grey or RGB, not interlaced, only IHDR / IDAT / IEND
+    chunks with valid CRCs, a complete zlib stream of the exact size, filter 0 on every row. Such
+    a file has exactly one decoding, the one Pillow gives, at ~1/10 of Pillow's cost on tiny
+    images; anything else (other PNGs, broken files) returns None and goes to Pillow.
+    """
+    if not data.startswith(_PNG_MAGIC):
+        return None
+    try:
+        chunks = list(_png_chunks(data))
+        kind, ihdr = chunks[0]
+        width, height, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", ihdr)
+        channels = _PNG_CHANNELS.get(colour)
+        plain = kind == b"IHDR" and (depth, compression, filtering, interlace) == (8, 0, 0, 0)
+        if not plain or channels is None or not 0 < width * height <= Image.MAX_IMAGE_PIXELS:
+            return None
+        if len(chunks) < 3 or any(name != b"IDAT" for name, _ in chunks[1:-1]):
+            return None
+        inflate = zlib.decompressobj()
+        raw = inflate.decompress(b"".join(body for _, body in chunks[1:-1]))
+    except (ValueError, IndexError, struct.error, zlib.error):
+        return None
+    if not inflate.eof or inflate.unused_data or len(raw) != height * (1 + width * channels):
+        return None
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, 1 + width * channels)
+    if rows[:, 0].any():  # a row with another filter: Pillow's job
+        return None
+    return rows[:, 1:].reshape((height, width) if channels == 1 else (height, width, 3))
+
+
+def _fit(image: Image.Image, size: int) -> np.ndarray:
+    """Resize the shorter side to ``size`` (bilinear; Pillow antialiases when shrinking) and
+    centre-crop; nothing is resized when the image already has that size."""
+    width, height = image.size
+    if (width, height) != (size, size):
+        scale = size / min(width, height)
+        new = (max(size, round(width * scale)), max(size, round(height * scale)))
+        image = image.resize(new, Image.Resampling.BILINEAR)
+        left, top = (new[0] - size) // 2, (new[1] - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _loaded(image: Image.Image, channels: int, size: int) -> Image.Image:
+    """Decode (JPEG: at a reduced scale when much larger than ``size``) and convert to L / RGB.
+    Every decoding error surfaces here; resizing a loaded L / RGB image does not fail."""
+    mode = "L" if channels == 1 else "RGB"
+    image.draft(mode, (size, size))
+    image.load()
+    return image.convert(mode) if image.mode != mode else image
+
+
 def load_pixels(data: bytes, channels: int, size: int) -> np.ndarray:
     """Decode image bytes to uint8 pixels (size, size) for 1 channel or (size, size, 3) for 3:
     convert grey/RGB, resize the shorter side to ``size`` (bilinear; Pillow antialiases when
     shrinking) and centre-crop. Nothing is resized when the image already has that size."""
-    mode = "L" if channels == 1 else "RGB"
+    pixels = _png_pixels(data)
+    if pixels is not None and pixels.shape[:2] == (size, size):
+        if pixels.ndim == 2 and channels == 3:
+            return np.repeat(pixels[:, :, None], 3, axis=2)  # (H, W, 3); Pillow's L -> RGB copies the value
+        if (pixels.ndim == 2) == (channels == 1):
+            return pixels
+    if pixels is not None:  # a plain PNG needing RGB -> L or a resize: Pillow, from the same pixels
+        return _fit(_loaded(Image.fromarray(pixels), channels, size), size)
     with Image.open(io.BytesIO(data)) as image:
-        image.draft(mode, (size, size))  # JPEG: decode at a reduced scale when much larger
-        image = image.convert(mode) if image.mode != mode else image
-        width, height = image.size
-        if (width, height) != (size, size):
-            scale = size / min(width, height)
-            new = (max(size, round(width * scale)), max(size, round(height * scale)))
-            image = image.resize(new, Image.Resampling.BILINEAR)
-            left, top = (new[0] - size) // 2, (new[1] - size) // 2
-            image = image.crop((left, top, left + size, top + size))
-        return np.asarray(image, dtype=np.uint8)
+        return _fit(_loaded(image, channels, size), size)
+
+
+def _check_decodes(data: bytes, channels: int, size: int) -> None:
+    """Raise exactly when load_pixels would, at the cost of the decode alone (no resize)."""
+    if _png_pixels(data) is not None:
+        return
+    with Image.open(io.BytesIO(data)) as image:
+        _loaded(image, channels, size)
 
 
 def _to_batch(pixels: list[np.ndarray], channels: int, size: int) -> torch.Tensor:
@@ -284,60 +574,101 @@ def _to_batch(pixels: list[np.ndarray], channels: int, size: int) -> torch.Tenso
     return rearrange(stacked, "b h w c -> b c h w").contiguous()
 
 
-def _decode(sample: dict[str, Any], cfg: _StreamConfig, tally: _Tally) -> tuple[np.ndarray, int] | None:
-    """(image, label) of a sample, or None after counting it as corrupt."""
+def _label(sample: dict[str, Any], required: bool) -> int:
+    """The sample's .cls; -1 when labels are not required and it is missing or unreadable."""
+    try:
+        return int(sample["cls"].decode("ascii").strip())
+    except (KeyError, UnicodeDecodeError, ValueError) as exn:
+        if required:
+            raise ValueError(f"missing or invalid .cls ({exn!r}); pass labels=False for unlabelled shards") from None
+        return -1
+
+
+def _image_ext(sample: dict[str, Any]) -> str | None:
+    return next((e for e in _IMAGE_EXTENSIONS if e in sample), None)
+
+
+def _decode(sample: dict[str, Any], cfg: _StreamConfig, tally: _Tally, pixels: bool = True) -> tuple[Any, int] | None:
+    """(pixels, label) of a sample, or None after counting it as corrupt. With pixels=False the
+    image is only checked to decode, and the sample itself is returned in place of its pixels."""
     url = sample["__url__"]
     what = f"sample {sample['__key__']!r}"
-    ext = next((e for e in _IMAGE_EXTENSIONS if e in sample), None)
+    ext = _image_ext(sample)
     if ext is None:
-        tally.skip(url, what, f"no image ({'/'.join(_IMAGE_EXTENSIONS)}) among {sorted(k for k in sample if not k.startswith('__'))}")
+        found = sorted(k for k in sample if not k.startswith("__"))
+        tally.skip(url, what, f"no image ({'/'.join(_IMAGE_EXTENSIONS)}) among {found}")
         return None
     try:
-        label = int(sample["cls"].decode("ascii").strip())
-    except (KeyError, UnicodeDecodeError, ValueError) as exn:
-        tally.skip(url, what, f"missing or invalid .cls ({exn!r})")
+        label = _label(sample, cfg.labels)
+    except ValueError as exn:
+        tally.skip(url, what, exn)
         return None
     try:
-        image = load_pixels(sample[ext], cfg.channels, cfg.image_size)
+        if not pixels:
+            _check_decodes(sample[ext], cfg.channels, cfg.image_size)
+            return sample, label
+        return load_pixels(sample[ext], cfg.channels, cfg.image_size), label
     except Exception as exn:  # Pillow raises many types for broken files
         tally.skip(url, what, f"undecodable .{ext} ({exn!r})")
         return None
-    return image, label
 
 
-def _worker_pieces(cfg: _StreamConfig, epoch: int, worker: int, num_workers: int) -> Iterator[_Piece]:
-    """One worker's epoch: full batches, then one tail piece (possibly empty)."""
+# --------------------------------------------------------------------------------------------
+# A worker's epoch
+# --------------------------------------------------------------------------------------------
+
+
+def _discarded(piece: int, worker: int, num_workers: int, skip: int) -> bool:
+    """Whether full piece number ``piece`` of ``worker`` is certain to fall among the first
+    ``skip`` batches the main process drops when resuming.
+
+    The DataLoader hands out pieces round-robin over the workers still running, and every piece
+    (a full batch, or a tail merged with earlier leftovers) makes at most one batch; so at most
+    ``piece * num_workers + worker`` batches come before this one, whatever the other workers do.
+    """
+    return piece * num_workers + worker < skip
+
+
+def _worker_pieces(cfg: _StreamConfig, epoch: int, worker: int, num_workers: int, skip: int = 0) -> Iterator[_Piece]:
+    """One worker's epoch: full batches, then one tail piece (possibly empty). Full batches that
+    the main process will drop (``skip``, see _discarded) are only checked, not decoded to pixels."""
     tally = _Tally()
-    samples = _samples(worker_shards(cfg, epoch, worker, num_workers), tally)
+    samples = _samples(worker_shards(cfg, epoch, worker, num_workers), dict(cfg.commands), tally)
     if cfg.shuffle:
-        seed = f"vit-ssl/samples/{cfg.seed}/{epoch}/{cfg.rank}/{worker}"
-        samples = _shuffled(samples, cfg.shuffle_buffer, seed)
-    images: list[np.ndarray] = []
+        samples = _shuffled(samples, cfg.shuffle_buffer, f"vit-ssl/samples/{cfg.seed}/{epoch}/{cfg.rank}/{worker}")
+    full, discard = 0, _discarded(0, worker, num_workers, skip)
+    held: list[Any] = []  # pixels, or (discard) the checked samples themselves
     labels: list[int] = []
     for sample in samples:
-        decoded = _decode(sample, cfg, tally)
+        decoded = _decode(sample, cfg, tally, pixels=not discard)
         if decoded is None:
             continue
-        images.append(decoded[0])
+        held.append(decoded[0])
         labels.append(decoded[1])
-        if len(images) == cfg.batch_size:
-            yield tally.piece(_to_batch(images, cfg.channels, cfg.image_size), labels, tail=False)
-            images, labels = [], []
-    yield tally.piece(_to_batch(images, cfg.channels, cfg.image_size), labels, tail=True)
+        if len(labels) == cfg.batch_size:
+            images = _to_batch([] if discard else held, cfg.channels, cfg.image_size)
+            yield tally.piece(images, labels, tail=False, discarded=discard)
+            held, labels = [], []
+            full += 1
+            discard = _discarded(full, worker, num_workers, skip)
+    if discard:  # the samples were only checked, and they turn out to be the tail: decode them
+        held = [load_pixels(s[_image_ext(s)], cfg.channels, cfg.image_size) for s in held]
+    yield tally.piece(_to_batch(held, cfg.channels, cfg.image_size), labels, tail=True)
 
 
 class _EpochStream(IterableDataset):
     """The pieces of one (epoch, rank), each DataLoader worker producing its own shards'."""
 
-    def __init__(self, cfg: _StreamConfig, epoch: int):
+    def __init__(self, cfg: _StreamConfig, epoch: int, skip: int = 0):
         super().__init__()
         self.cfg = cfg
         self.epoch = epoch
+        self.skip = skip
 
     def __iter__(self) -> Iterator[_Piece]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return _worker_pieces(self.cfg, self.epoch, worker, num_workers)
+        return _worker_pieces(self.cfg, self.epoch, worker, num_workers, self.skip)
 
 
 def _init_worker(worker_id: int) -> None:
@@ -394,9 +725,16 @@ class ShardLoader:
     """Deterministic, resumable stream of uint8 batches from webdataset shards.
 
     The batch order is a pure function of (urls, seed, epoch, rank, world_size, num_workers,
-    batch_size) (and the shuffle settings); ``state_dict()`` = {"epoch", "batch"} is enough to
-    continue exactly where a run stopped. Creating or reading an iterator never touches the
+    batch_size) (and the shuffle / mode settings); ``state_dict()`` = {"epoch", "batch"} is enough
+    to continue exactly where a run stopped. Creating or reading an iterator never touches the
     global torch / random / numpy RNGs.
+
+    ``resampled=True``: endless sampling with replacement in virtual epochs of
+    ``shards_per_epoch`` shard draws (default: max(shards, world_size x workers)); no minimum
+    shard count. ``labels=False``: a sample without a readable .cls gets label -1 instead of
+    being skipped as corrupt (unlabelled shard sets). ``url_commands``: scheme -> command
+    template for remote shards (see the module docstring). ``bad_samples``: corrupt samples met
+    so far, per shard URL.
     """
 
     def __init__(
@@ -416,35 +754,38 @@ class ShardLoader:
         max_corrupt_fraction: float = 0.01,
         min_samples_for_check: int = 1000,
         pin_memory: bool = False,
+        labels: bool = True,
+        resampled: bool = False,
+        shards_per_epoch: int | None = None,
+        url_commands: Mapping[str, str] | None = None,
     ):
         _check_args(batch_size, image_size, channels, rank, world_size, num_workers, shuffle_buffer)
         found = shard_urls(urls)
-        if len(found) < world_size:
-            raise ValueError(
-                f"{len(found)} shard(s) for world_size={world_size}: every rank needs at least one shard, so "
-                f"at least {world_size} are needed; rewrite the data with a smaller --shard-size "
-                f"(python -m data.shards write SRC OUT --shard-size N) so that it makes >= {world_size} shards"
-            )
+        commands = resolve_url_commands(url_commands)
+        _check_schemes(found, commands)
+        draws = _check_shard_count(len(found), world_size, num_workers, resampled, shards_per_epoch)
         self.cfg = _StreamConfig(
-            tuple(found), batch_size, image_size, channels, seed, rank, world_size, shuffle, shuffle_buffer
+            tuple(found), batch_size, image_size, channels, seed, rank, world_size, shuffle, shuffle_buffer,
+            labels=labels, resampled=resampled, shards_per_epoch=draws, commands=tuple(sorted(commands.items())),
         )
         self.urls = list(found)
         self.drop_last = drop_last
         self.pin_memory = pin_memory
         self.max_corrupt_fraction = max_corrupt_fraction
         self.min_samples_for_check = min_samples_for_check
-        self.num_workers = _fit_workers(num_workers, len(found[rank::world_size]), rank)
+        self.num_workers = num_workers
         self.epoch = 0
         self.batch = 0
         self.skipped = 0
         self._seen = 0
         self._corrupt = 0
         self._bad_shards: Counter[str] = Counter()
+        self._errors: dict[str, str] = {}
 
-    # -- position -----------------------------------------------------------------------------
+    # -- position and counts --------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, int]:
-        """The position: epoch, and batches already yielded in it."""
+        """The position: epoch (virtual epoch in resampled mode), and batches already yielded in it."""
         return {"epoch": self.epoch, "batch": self.batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -453,6 +794,18 @@ class ShardLoader:
         if epoch < 0 or batch < 0:
             raise ValueError(f"state {state!r}: epoch and batch must be >= 0")
         self.epoch, self.batch = epoch, batch
+
+    @property
+    def bad_samples(self) -> dict[str, int]:
+        """Corrupt samples skipped so far by this loader, per shard URL (cumulative over epochs; an
+        unreadable shard or the unread rest of a truncated one counts once). Samples re-read while
+        resuming count again."""
+        return dict(self._bad_shards)
+
+    @property
+    def bad_reasons(self) -> dict[str, str]:
+        """The first reason a sample of each shard in bad_samples was skipped."""
+        return dict(self._errors)
 
     # -- iteration ----------------------------------------------------------------------------
 
@@ -473,7 +826,7 @@ class ShardLoader:
             batches = self._epoch_batches(epoch, skip)
             current = next(batches, None)
             if current is None and skip == 0:
-                raise RuntimeError(
+                raise DataError(
                     f"epoch {epoch} of rank {self.cfg.rank} yielded no batch: fewer than batch_size="
                     f"{self.cfg.batch_size} samples in its shards; lower batch_size or set drop_last=False"
                 )
@@ -488,8 +841,8 @@ class ShardLoader:
                 current = following
             self.epoch, self.batch = epoch + 1, 0
 
-    def _pieces(self, epoch: int) -> Iterator[_Piece]:
-        dataset = _EpochStream(self.cfg, epoch)
+    def _pieces(self, epoch: int, skip: int) -> Iterator[_Piece]:
+        dataset = _EpochStream(self.cfg, epoch, skip)
         if self.num_workers == 0:
             return iter(dataset)
         loader = DataLoader(
@@ -507,13 +860,22 @@ class ShardLoader:
 
     def _epoch_batches(self, epoch: int, skip: int) -> Iterator[Batch]:
         merger = _TailMerger(self.cfg.batch_size)
-        produced = 0
-        for piece in self._pieces(epoch):
+        produced, good, failed = 0, 0, False
+        for piece in self._pieces(epoch, skip):
             self._account(piece)
+            good += len(piece.labels)
+            failed = failed or bool(piece.bad)
             for batch in merger.add(piece):
                 produced += 1
                 if produced > skip:
+                    if piece.discarded:  # cannot happen (see _discarded); never hand out empty images
+                        raise RuntimeError(f"internal error: batch {produced - 1} of epoch {epoch} was discarded")
                     yield batch
+        if good == 0 and failed:
+            raise DataError(
+                f"epoch {epoch} of rank {self.cfg.rank} read no sample; {self._shard_report()}. "
+                "Check the URLs, the network and the commands (url_commands / VIT_SSL_<SCHEME>_COMMAND)"
+            )
         last, unreported = merger.finish(self.drop_last)
         self.skipped += unreported
         if last is not None and produced + 1 > skip:
@@ -524,13 +886,21 @@ class ShardLoader:
         self._seen += len(piece.labels) + piece.skipped
         self._corrupt += piece.skipped
         self._bad_shards.update(piece.bad)
+        for url, reason in piece.errors.items():
+            self._errors.setdefault(url, reason)
         if self._seen >= self.min_samples_for_check and self._corrupt > self.max_corrupt_fraction * self._seen:
-            shards = ", ".join(f"{url} ({n})" for url, n in self._bad_shards.most_common(10))
-            raise RuntimeError(
+            raise DataError(
                 f"{self._corrupt} of {self._seen} samples read were corrupt "
                 f"({self._corrupt / self._seen:.2%} > max_corrupt_fraction={self.max_corrupt_fraction}); "
-                f"shards involved: {shards}. Rewrite those shards, or raise ShardLoader(max_corrupt_fraction=...)"
+                f"{self._shard_report()}. Rewrite those shards (python -m data.shards verify lists the bad samples), or raise "
+                "data.max_corrupt_fraction (ShardLoader(max_corrupt_fraction=...))"
             )
+
+    def _shard_report(self, most: int = 10) -> str:
+        """'shards involved: URL (n bad: first reason), ...' for the worst ``most`` shards."""
+        parts = [f"{url} ({n} bad: {self._errors.get(url, '?')[:300]})" for url, n in self._bad_shards.most_common(most)]
+        more = len(self._bad_shards) - most
+        return "shards involved: " + "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
 def _check_args(
@@ -550,13 +920,30 @@ def _check_args(
             raise ValueError(f"ShardLoader {name}={value!r} is invalid; it must be {allowed}")
 
 
-def _fit_workers(num_workers: int, rank_shards: int, rank: int) -> int:
-    """Workers for this rank: no more than its shards, since a worker without a shard idles."""
-    if num_workers <= rank_shards:
-        return num_workers
-    warnings.warn(
-        f"rank {rank} has {rank_shards} shard(s) for num_workers={num_workers}; using {rank_shards} worker(s) "
-        "(write smaller shards with --shard-size for more parallel reading)",
-        stacklevel=3,
-    )
-    return rank_shards
+def _check_shard_count(shards: int, world_size: int, num_workers: int, resampled: bool, draws: int | None) -> int:
+    """Epochs mode: every (rank, worker) needs a shard, so >= world_size x workers shards (a worker
+    without one would idle, and ranks would read unequal amounts). Resampled mode: the shard
+    draws per virtual epoch (default max(shards, world_size x workers)), which must cover as many."""
+    readers = world_size * max(num_workers, 1)
+    ranks = f"{world_size} rank{'s' if world_size > 1 else ''} x {max(num_workers, 1)} worker{'s' if num_workers > 1 else ''}"
+    if resampled:
+        draws = max(shards, readers) if draws is None else draws
+        if draws < readers:
+            raise ValueError(
+                f"ShardLoader shards_per_epoch={draws} is too small for {ranks}: it must be >= {readers} "
+                "so that every worker draws a shard; leave it unset for max(shards, ranks x workers)"
+            )
+        return draws
+    if draws is not None:
+        raise ValueError(f"ShardLoader shards_per_epoch={draws} applies to resampled mode only; set resampled=True or drop it")
+    if shards < world_size:
+        raise ValueError(
+            f"{shards} shard(s) for world_size={world_size}: every rank needs at least one shard, so at least "
+            f"{world_size} are needed; {_SHARDS_FIX} so that it makes >= {world_size} shards, or set data.resampled=true"
+        )
+    if shards < readers:
+        raise ValueError(
+            f"{shards} shards for {ranks}: need >= {readers} (one per rank and worker); {_SHARDS_FIX}, "
+            f"or set data.num_workers={shards // world_size}, or use resampled mode (data.resampled=true)"
+        )
+    return 0

@@ -19,6 +19,11 @@ timm model with a local weights file), and the `Distill` objective.
 
 The soft term is the paper's per-sample KL averaged over the batch (the reference code divides its
 sum by batch x classes instead).
+
+DeiT's data recipe (RandAugment, MixUp / CutMix; the same options as `supervised`, off by default):
+with mixing, the student and the teacher both see the mixed images, the class head learns from
+the mixed soft targets (soft-target cross-entropy) and the hard distillation target is the
+teacher's argmax on the mixed images, as in DeiT's training loop.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from backbones import Backbone
 from data.augment import ViewSpec
 
 from .base import Objective, register
-from .supervised import check_num_classes, linear_head
+from .supervised import augment_view, build_mix, check_num_classes, classification_loss, linear_head, mix_batch
 
 KINDS = ("hard", "soft", "none")
 
@@ -44,8 +49,9 @@ KINDS = ("hard", "soft", "none")
 def distillation_loss(cls_logits: torch.Tensor, dist_logits: torch.Tensor, labels: torch.Tensor,
                       teacher_logits: torch.Tensor, kind: str = "hard", alpha: float = 0.5, tau: float = 1.0,
                       label_smoothing: float = 0.0) -> torch.Tensor:
-    """DeiT's loss: logits (B, K), labels (B,). `kind='none'` is the label loss alone."""
-    base = F.cross_entropy(cls_logits.float(), labels, label_smoothing=label_smoothing)
+    """DeiT's loss: logits (B, K); labels (B,), or soft targets (B, K) from MixUp / CutMix (label
+    smoothing already in them). `kind='none'` is the label loss alone."""
+    base = classification_loss(cls_logits, labels, label_smoothing)
     if kind == "none":
         return base
     teacher_logits = teacher_logits.detach().float()
@@ -152,6 +158,13 @@ class Distill(Objective):
         label_smoothing: float = 0.1,
         crop_scale: tuple[float, float] = (0.08, 1.0),
         hflip: float = 0.5,
+        randaugment_ops: int = 0,
+        randaugment_magnitude: float = 9.0,
+        randaugment_mstd: float = 0.5,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mix_prob: float = 1.0,
+        mix_switch_prob: float = 0.5,
     ):
         super().__init__(backbone)
         num_classes = check_num_classes(num_classes)
@@ -170,6 +183,9 @@ class Distill(Objective):
                              "with objective.teacher_weights=FILE)")
         self.kind, self.alpha, self.tau, self.label_smoothing = kind, alpha, tau, label_smoothing
         self.crop_scale, self.hflip = tuple(crop_scale), hflip
+        self.randaugment = dict(randaugment_ops=randaugment_ops, randaugment_magnitude=randaugment_magnitude,
+                                randaugment_mstd=randaugment_mstd)
+        self.mix = build_mix(num_classes, mixup_alpha, cutmix_alpha, mix_prob, mix_switch_prob, label_smoothing)
         if self.takes_images:
             self.views  # noqa: B018 -- validate the view settings now
         self.token = bool(getattr(backbone, "has_distill_token", False))
@@ -183,7 +199,7 @@ class Distill(Objective):
 
     @property
     def views(self) -> list[ViewSpec]:
-        return [ViewSpec(size=self.square_view_size(), scale=self.crop_scale, hflip=self.hflip)]
+        return [augment_view(self.square_view_size(), self.crop_scale, self.hflip, self.randaugment)]
 
     def set_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self._norm = (list(mean), list(std))
@@ -228,6 +244,7 @@ class Distill(Objective):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         imgs, labels = batch["views"][0], batch["labels"]  # (B, C, H, W), (B,)
+        imgs, targets = mix_batch(self.mix, imgs, labels, self.training)  # teacher and student see the mix
         cls_logits, dist_logits = self.forward_student(imgs)  # (B, K), (B, K) or None
         out: dict[str, torch.Tensor] = {}
         teacher_logits = None
@@ -235,7 +252,7 @@ class Distill(Objective):
             with torch.no_grad():
                 teacher_logits = self.teacher_model(self.teacher_input(imgs)).float()  # (B, K)
             out["teacher_agreement"] = (dist_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()
-        out["loss"] = distillation_loss(cls_logits, dist_logits, labels, teacher_logits, self.kind, self.alpha,
+        out["loss"] = distillation_loss(cls_logits, dist_logits, targets, teacher_logits, self.kind, self.alpha,
                                         self.tau, self.label_smoothing)
         out["train_top1"] = (self.combine(cls_logits, dist_logits).argmax(-1) == labels).float().mean()
         return out

@@ -30,8 +30,11 @@ class DataConfig:
     test: str | None = None  # labelled held-out shards to score kNN on when data.train is set
     fashion_mnist_dir: str | None = None  # where the built-in dataset's IDX files are (default: Debian's folder)
     load_size: int | None = None  # size the CPU workers decode to; None = the backbone's image size
-    num_workers: int = 2
+    num_workers: int = 2  # CPU decoding processes per rank; epochs mode needs >= ranks x workers shards
     shuffle_buffer: int = 2000
+    resampled: bool = False  # endless sampling of shards with replacement (huge sets) instead of epochs
+    shards_per_epoch: int | None = None  # resampled mode: shard draws per virtual epoch; None = max(shards, ranks x workers)
+    max_corrupt_fraction: float = 0.01  # stop the run when more of the samples read are corrupt
     mean: list[float] | None = None  # normalisation; None = the shards' manifest
     std: list[float] | None = None
 
@@ -229,6 +232,16 @@ def validate(cfg: Config) -> None:
     _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
     _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     _positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
+    _positive("data.shuffle_buffer", cfg.data.shuffle_buffer)
+    if cfg.data.load_size is not None:
+        _positive("data.load_size", cfg.data.load_size)
+    if cfg.data.shards_per_epoch is not None:
+        _positive("data.shards_per_epoch", cfg.data.shards_per_epoch)
+        if not cfg.data.resampled:
+            raise ConfigError(f"data.shards_per_epoch={cfg.data.shards_per_epoch} applies to resampled mode only: "
+                              "set data.resampled=true or drop it")
+    if not 0 <= cfg.data.max_corrupt_fraction < 1:
+        raise ConfigError(f"data.max_corrupt_fraction={cfg.data.max_corrupt_fraction} must be in [0, 1), e.g. 0.01")
     _positive("eval.knn_k", cfg.eval.knn_k)
     if t.cpu_threads is not None:
         _positive("train.cpu_threads", t.cpu_threads)

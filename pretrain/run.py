@@ -16,6 +16,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch pretrain/run
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.builtin import DatasetNotFoundError  # noqa: E402
+from data.stream import DataError  # noqa: E402
 from pretrain.config import ConfigError, build_config, list_recipes  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         from accelerate import PartialState
 
         PartialState().destroy_process_group()
-    except (ConfigError, DatasetNotFoundError) as e:
+    except (ConfigError, DatasetNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -5,6 +5,7 @@ every ckpt_every steps: checkpoint (resumable), at the end: kNN score of the fin
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 
 import backbones
 import objectives
@@ -30,7 +31,8 @@ from .tracking import RunLog
 
 # settings that may change when a run is relaunched in the same folder
 RESUMABLE_CHANGES = ("train.total_steps", "train.log_every", "train.ckpt_every", "train.keep_last",
-                     "train.progress", "train.stop_at", "train.cpu_threads", "eval", "data.num_workers", "data.train", "data.test", "data.fashion_mnist_dir")
+                     "train.progress", "train.stop_at", "train.cpu_threads", "eval", "data.num_workers", "data.train", "data.test", "data.fashion_mnist_dir",
+                     "data.max_corrupt_fraction")
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -54,10 +56,14 @@ def build_objective(cfg: Config) -> objectives.Objective:
         uses_labels = objectives.objective_class(cfg.objective["name"]).uses_labels
     except ValueError as e:
         raise config_mod.component_error("objective", e) from None
-    if uses_labels and hp.get("num_classes") is None:
-        classes = (train_shards(cfg)[1] or {}).get("classes")  # the shards' manifest names them
-        if classes:
-            hp["num_classes"] = len(classes)
+    if uses_labels:
+        manifest = train_shards(cfg)[1] or {}
+        if not manifest.get("labelled", True):
+            raise ConfigError(f"data.train={cfg.data.train} holds unlabelled shards (its manifest says labelled: false) "
+                              f"but objective {cfg.objective['name']} trains on labels: write the shards with labels, or "
+                              "pick a self-supervised objective (mae, simmim, mpp, dino)")
+        if hp.get("num_classes") is None and manifest.get("classes"):  # the shards' manifest names them
+            hp["num_classes"] = len(manifest["classes"])
     try:
         return objectives.create(cfg.objective["name"], backbone, **hp)
     except (ValueError, TypeError, OSError) as e:
@@ -70,11 +76,56 @@ def train_shards(cfg: Config) -> tuple[list[str], dict | None]:
         spec = builtin_shards(root=cfg.data.fashion_mnist_dir)["train"]
     else:
         spec = cfg.data.train
+    urls = shard_urls(str(spec))
+    return urls, shard_manifest(spec, urls)
+
+
+def shard_manifest(spec, urls: list[str]) -> dict | None:
+    """The manifest of a shard folder, or of the folder holding a pattern's local shards; None when
+    there is none (remote shards): normalisation then needs data.mean / data.std or a default."""
+    for where in (Path(spec), Path(urls[0]).parent):
+        try:
+            return read_manifest(where)
+        except (FileNotFoundError, ValueError, OSError):
+            continue
+    return None
+
+
+def build_loader(cfg: Config, urls: list[str], manifest: dict | None, objective: objectives.Objective,
+                 acc: Accelerator) -> ShardLoader:
+    """This rank's stream of uint8 batches; a shard set that cannot serve the launch is a ConfigError."""
+    backbone = objective.backbone
     try:
-        manifest = read_manifest(spec)
-    except (FileNotFoundError, ValueError, OSError):
-        manifest = None
-    return shard_urls(str(spec)), manifest
+        return ShardLoader(urls, batch_size=cfg.train.batch_size, image_size=cfg.data.load_size or backbone.image_size[0],
+                           channels=load_channels(manifest, backbone.in_chans), seed=cfg.train.seed, rank=acc.process_index,
+                           world_size=acc.num_processes, num_workers=cfg.data.num_workers,
+                           shuffle_buffer=cfg.data.shuffle_buffer, labels=objective.uses_labels,
+                           resampled=cfg.data.resampled, shards_per_epoch=cfg.data.shards_per_epoch,
+                           max_corrupt_fraction=cfg.data.max_corrupt_fraction)
+    except ValueError as e:
+        raise ConfigError(f"data.train={cfg.data.train or 'built-in'}: {e}") from None
+
+
+def load_channels(manifest: dict | None, in_chans: int) -> int:
+    """Channels the CPU workers decode to: 1 for grey shards even when the backbone takes RGB (the
+    device repeats the channel after augmenting, a third of the work), else the backbone's."""
+    return 1 if (manifest or {}).get("channels") == 1 else in_chans
+
+
+def log_bad_samples(acc: Accelerator, loader: ShardLoader, run_dir: Path) -> int:
+    """Collective: every rank's corrupt-sample counts per shard, summed; the main process writes them to
+    RUN_DIR/data_errors.json (shard -> count and first reason). Returns the number of shards involved."""
+    per_rank = gather_object([(loader.bad_samples, loader.bad_reasons)])
+    counts: dict[str, int] = {}
+    reasons: dict[str, str] = {}
+    for bad, why in per_rank:
+        for url, n in bad.items():
+            counts[url] = counts.get(url, 0) + n
+            reasons.setdefault(url, why.get(url, ""))
+    if acc.is_main_process and counts:
+        report = {url: {"skipped": n, "first_reason": reasons[url]} for url, n in sorted(counts.items())}
+        (run_dir / "data_errors.json").write_text(json.dumps(report, indent=2) + "\n")
+    return len(counts)
 
 
 def normalisation(cfg: Config, manifest: dict | None, channels: int) -> tuple[list[float], list[float]]:
@@ -82,6 +133,8 @@ def normalisation(cfg: Config, manifest: dict | None, channels: int) -> tuple[li
         mean, std = cfg.data.mean, cfg.data.std
     elif manifest and manifest.get("mean"):
         mean, std = manifest["mean"], manifest["std"]
+    elif channels == 1:  # ImageNet statistics, averaged over its channels for grey images
+        mean, std = [0.449], [0.226]
     else:  # ImageNet statistics, the usual default
         mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     if len(mean) == 1 and channels == 3:
@@ -148,11 +201,8 @@ def train(cfg: Config) -> dict[str, Any]:
     # 2. data: uint8 batches from the shards, augmented on the device
     urls, manifest = train_shards(cfg)
     mean, std = normalisation(cfg, manifest, backbone.in_chans)
-    loader = ShardLoader(urls, batch_size=cfg.train.batch_size, image_size=cfg.data.load_size or backbone.image_size[0],
-                         channels=backbone.in_chans, seed=cfg.train.seed, rank=acc.process_index,
-                         world_size=acc.num_processes, num_workers=cfg.data.num_workers,
-                         shuffle_buffer=cfg.data.shuffle_buffer)
-    augment = DeviceAugment(objective.views, mean, std).to(acc.device)
+    loader = build_loader(cfg, urls, manifest, objective, acc)
+    augment = DeviceAugment(objective.views, mean, std, allow_grey=True).to(acc.device)
     objective.set_normalisation(mean, std)
 
     # 3. optimizer
@@ -223,9 +273,11 @@ def train(cfg: Config) -> dict[str, Any]:
         if done % cfg.train.log_every == 0 or done == cfg.train.total_steps:
             metrics = {k: acc.reduce(v / n, reduction="mean").item() for k, v in sorted(sums.items())}
             skipped = acc.reduce(torch.tensor(float(loader.skipped), device=acc.device), reduction="sum").item()
+            bad_shards = log_bad_samples(acc, loader, run_dir) if skipped else 0
             img_s = images * acc.num_processes / (time.time() - t_log)
             if main:
-                tracker.log({**metrics, "lr": lr, "images_per_s": img_s, "data/skipped": skipped}, done)
+                tracker.log({**metrics, "lr": lr, "images_per_s": img_s, "data/skipped": skipped,
+                             "data/bad_shards": bad_shards, "data/epoch": loader.state_dict()["epoch"]}, done)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
             sums, n, images, t_log = {}, 0, 0, time.time()
         bar.update(1)

@@ -282,6 +282,79 @@ def test_without_a_teacher_kind_none_is_the_label_loss():
     assert math.isfinite(out["loss"].item())
 
 
+# --------------------------------------------------------------------------- DeiT's MixUp / CutMix
+
+
+MIX = dict(mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=1.0, mix_switch_prob=0.5)
+
+
+def replay_mix(obj, b, seed):
+    """The mixed images and soft targets the objective drew with `seed`, drawn again."""
+    torch.manual_seed(seed)
+    return obj.mix(b["views"][0], b["labels"])
+
+
+def plain_soft_ce(logits, targets):
+    logp = logits.double().log_softmax(-1)
+    return -(targets.double() * logp).sum(-1).mean()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 5])
+def test_supervised_with_mixing_trains_on_soft_targets(seed):
+    sup = objectives.create("supervised", make_vit(), num_classes=K, label_smoothing=0.1, **MIX).train()
+    b = batch(B=6)
+    torch.manual_seed(seed)
+    out = sup(b)
+    mixed, targets = replay_mix(sup, b, seed)
+    assert not torch.equal(mixed, b["views"][0]) and targets.shape == (6, K)
+    with torch.no_grad():
+        want = plain_soft_ce(sup.head(sup.backbone(mixed)), targets)
+    assert torch.allclose(out["loss"].double(), want, atol=1e-5)
+    out["loss"].backward()
+    assert not without_gradient(sup)
+
+
+def test_supervised_does_not_mix_in_eval_mode_and_mixing_is_off_by_default():
+    b = batch()
+    mixing = objectives.create("supervised", make_vit(), num_classes=K, **MIX).eval()
+    plain = objectives.create("supervised", make_vit(), num_classes=K)
+    assert plain.mix is None
+    with torch.no_grad():
+        assert torch.allclose(mixing(b)["loss"], plain(b)["loss"], atol=1e-6)  # same weights (make_vit seeds)
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_distill_teacher_and_student_see_the_mixed_images(tmp_path, kind):
+    """DeiT: the class head on the mixed soft targets; the distillation target from the teacher on
+    the mixed images (hard: its argmax)."""
+    dist = make_distill(tmp_path, kind=kind, alpha=0.5, tau=1.0, label_smoothing=0.1, **MIX).train()
+    dist.set_normalisation([0.5], [0.25])
+    b = batch(B=6)
+    torch.manual_seed(3)
+    out = dist(b)
+    mixed, targets = replay_mix(dist, b, 3)
+    with torch.no_grad():
+        cls_logits, dist_logits = (t.double() for t in dist.forward_student(mixed))
+        teacher = dist.teacher_model(dist.teacher_input(mixed)).double()
+    base = plain_soft_ce(cls_logits, targets)
+    if kind == "hard":
+        term = torch.nn.functional.cross_entropy(dist_logits, teacher.argmax(-1))
+    else:
+        q, logp = teacher.softmax(-1), dist_logits.log_softmax(-1)
+        term = (q * (q.log() - logp)).sum(-1).mean()
+    assert torch.allclose(out["loss"].double(), 0.5 * base + 0.5 * term, atol=1e-5)
+    assert out["teacher_agreement"] == (dist_logits.argmax(-1) == teacher.argmax(-1)).float().mean()
+
+
+def test_mix_settings_are_checked_by_name(tmp_path):
+    with pytest.raises(ValueError, match="mix_prob=1.5"):
+        objectives.create("supervised", make_vit(), num_classes=K, mix_prob=1.5)
+    with pytest.raises(ValueError, match="cutmix_alpha=-1"):
+        make_distill(tmp_path, kind="none", cutmix_alpha=-1)
+    with pytest.raises(ValueError, match="ViewSpec randaugment_ops=-2"):
+        make_distill(tmp_path, kind="none", randaugment_ops=-2)
+
+
 # --------------------------------------------------------------------------- the CLI
 
 

@@ -38,7 +38,8 @@ def test_an_old_style_spec_gives_the_same_views_as_before():
     torch.manual_seed(5)
     (now,) = DeviceAugment([spec], mean, std)(x)
     torch.manual_seed(5)
-    assert torch.equal(now, before(x.float() / 255))
+    # the same random numbers; the crop is now one grid_sample (ResizedCropFlip): float rounding apart
+    assert torch.allclose(now, before(x.float() / 255), atol=1e-4)  # std 0.1 magnifies it
 
 
 @pytest.mark.parametrize("channels", [1, 3])
