@@ -5,7 +5,8 @@ per sample, drawing only from the global torch RNG so that a checkpoint's saved 
 reproduces the augmentation of a resumed run.
 
 Parts: ``ViewSpec`` (what one kind of view is), ``ResizedCropFlip`` (Kornia's random resized crop
-and flip as one grid_sample), ``photometric_steps`` (DINO's colour, blur, solarize),
+and flip as one grid_sample), ``photometric_steps`` (DINO's colour, blur, solarize: Kornia's
+augmentations drawing their own parameters, the pixels done in batched torch ops),
 ``RandAugment`` (timm's policy with ops and magnitudes drawn per image), ``DeviceAugment`` (the
 views of a uint8 batch), ``MixUp`` (MixUp / CutMix with soft targets, composed by the supervised
 objectives on their normalised views) and ``eval_transform`` (the deterministic input of scoring).
@@ -116,23 +117,218 @@ def blur_kernel_size(sigma_max: float, size: int) -> int:
     return max(3, min(k, size if size % 2 else size - 1))
 
 
+# --------------------------------------------------------------------------- photometric steps, batched
+#
+# Each step subclasses the Kornia augmentation it stands for and keeps its parameter drawing: the
+# factors, the random order, the sigmas and which images ``p`` selects come from that module's own
+# ``forward_parameters``, so a seed draws what Kornia draws. Only the pixel work is ours: vectorised
+# over the batch, and on the CPU run on the selected images alone. Outputs match Kornia's to float
+# rounding (tests/test_photometric.py).
+
+GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as Kornia's rgb_to_grayscale
+
+
+def _per_image(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-image values (b,) -> (b, 1, 1, 1) on x's device and dtype."""
+    return v.to(device=x.device, dtype=x.dtype, non_blocking=True).view(-1, 1, 1, 1)
+
+
+def grey(x: torch.Tensor) -> torch.Tensor:
+    """(b, 3, H, W) RGB -> (b, 1, H, W) luma, summed in Kornia's order for the same rounding."""
+    r, g, b = x.unbind(1)  # (b, H, W) each
+    return (r * GREY_WEIGHTS[0] + g * GREY_WEIGHTS[1] + b * GREY_WEIGHTS[2]).unsqueeze(1)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """In place: x * factor (b,), clipped to [0, 1] (torchvision's brightness)."""
+    return x.mul_(_per_image(factor, x)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """In place: blend with the image's mean grey level, x * f + mean * (1 - f), clipped
+    (torchvision's contrast; a 1-channel image's mean is its own)."""
+    f = _per_image(factor, x)
+    if x.shape[1] == 3:  # the mean of the luma is the luma of the channel means
+        mean = torch.einsum("bc,c->b", x.mean(dim=(2, 3)), x.new_tensor(GREY_WEIGHTS)).view(-1, 1, 1, 1)
+    else:
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)  # (b, 1, 1, 1)
+    return x.mul_(f).add_(mean * (1 - f)).clamp_(0.0, 1.0)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """In place: blend with the pixel's grey, x * f + grey * (1 - f), clipped (torchvision's
+    saturation). A 1-channel image has no colour to change and stays as it is, as in Kornia."""
+    if x.shape[1] != 3:
+        return x
+    f = _per_image(factor, x)
+    g = grey(x).mul_(1 - f)  # (b, 1, H, W), taken before x changes
+    return x.mul_(f).add_(g).clamp_(0.0, 1.0)
+
+
+def shift_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue of (b, 3, H, W) RGB images by ``turns`` (b,) of the colour circle, keeping
+    saturation and value, in one pass: a new tensor equal to Kornia's ``adjust_hue`` (RGB -> HSV ->
+    RGB) to float rounding.
+
+    With M, m the largest and smallest channel and C = M - m, the hue h (in sixths of a turn) follows
+    from which channel is largest; the rotation keeps M and m, and each output channel is M - C * w,
+    w = clamp(d - 1, 0, 1) with d the distance on the circle from the new hue to the channel's own
+    (red 0, green 2, blue 4). No HSV image and no sextant table are built."""
+    if x.shape[1] != 3:
+        raise ValueError(f"hue needs RGB images (b, 3, H, W), got {tuple(x.shape)}; use hue=0 for grey images")
+    r, g, b = x.unbind(1)  # (b, H, W) each
+    top, low = x.amax(dim=1), x.amin(dim=1)
+    chroma = top - low
+    # h + 1 in [0, 6]; the largest channel picks the formula (ties as Kornia: red, then green)
+    h = torch.where(r == top, g - b + chroma, torch.where(g == top, b - r + 3 * chroma, r - g + 5 * chroma))
+    h = h.div_(torch.where(chroma == 0, 1.0, chroma)).unsqueeze(1)  # (b, 1, H, W); grey pixels: 0
+    # per image and channel: the rotation less the channel's hue and the 1 above, mod 6, in [0, 6)
+    centre = torch.tensor([0.0, 2.0, 4.0], device=x.device, dtype=x.dtype)
+    shift = torch.remainder(6.0 * turns.to(x.device, x.dtype).view(-1, 1) - centre - 1.0, 6.0)  # (b, 3)
+    a = h + shift.view(-1, 3, 1, 1)  # (b, 3, H, W) in [0, 12): new hue - channel hue, mod 6
+    # e = ||a - 6| - 3| is the distance to the opposite hue (3 or 9), so d = 3 - e and w = clamp(2 - e, 0, 1)
+    w = a.sub_(6.0).abs_().sub_(3.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0)
+    return w.mul_(-chroma.unsqueeze(1)).add_(top.unsqueeze(1))
+
+
+def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """Normalised 1-d Gaussians (b, size), one per sigma (b,), centred on the middle tap (Kornia's
+    formula, same operations, same rounding)."""
+    x = torch.arange(size, device=sigma.device, dtype=sigma.dtype) - size // 2
+    g = torch.exp(-x.pow(2.0) / (2 * sigma.pow(2.0)).unsqueeze(1))  # (b, size)
+    return g / g.sum(-1, keepdim=True)
+
+
+def gaussian_blur(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Separable blur of (b, C, H, W) with one odd 1-d kernel per image (b, k), the same along both
+    axes, reflect padding: two grouped convolutions (one group per image and channel)."""
+    b, c, h, w = x.shape
+    r = kernels.shape[1] // 2
+    weight = repeat(kernels.to(x.device, x.dtype), "b k -> (b c) 1 k", c=c)  # (b C, 1, k)
+    planes = rearrange(x, "b c h w -> 1 (b c) h w")
+    planes = F.conv2d(F.pad(planes, (r, r, 0, 0), mode="reflect"), weight.unsqueeze(2), groups=b * c)  # along W
+    planes = F.conv2d(F.pad(planes, (0, 0, r, r), mode="reflect"), weight.unsqueeze(3), groups=b * c)  # along H
+    return rearrange(planes, "1 (b c) h w -> b c h w", b=b)
+
+
+class _Batched:
+    """Mixin for a Kornia intensity augmentation: ``forward`` draws with the Kornia module's own
+    ``forward_parameters`` and runs ``transform(x, params)`` (the subclass's vectorised op) on the
+    images ``p`` selected; the others come back as they were. On the CPU the op runs on those
+    images alone (the selection is read on the host for free); where the parameters live on an
+    accelerator it runs on the whole batch and ``torch.where`` picks, so the host never waits."""
+
+    per_image_keys: tuple[str, ...] = ()
+
+    def transform(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, C, H, W) float -> the same shape; ``params`` replays a draw (``self._params``)."""
+        if x.ndim != 4 or not x.is_floating_point():
+            raise ValueError(f"{type(self).__name__} takes float (B, C, H, W) images, got {x.dtype} {tuple(x.shape)}")
+        params = self.forward_parameters(x.shape) if params is None else params
+        self._params = params
+        if self.p == 1.0 and self.p_batch == 1.0:
+            return self.transform(x, params)
+        chosen = params["batch_prob"] > 0.5  # (B,)
+        if chosen.device.type != "cpu":
+            return torch.where(chosen.to(x.device).view(-1, 1, 1, 1), self.transform(x, params), x)
+        if bool(chosen.all()):
+            return self.transform(x, params)
+        idx = chosen.nonzero().squeeze(1)  # (n,)
+        out = x.clone()
+        if len(idx):
+            some = {k: v[idx] if k in self.per_image_keys else v for k, v in params.items()}
+            at = idx.to(x.device, non_blocking=True)
+            out.index_copy_(0, at, self.transform(x.index_select(0, at), some))
+        return out
+
+
+class BatchedColorJitter(_Batched, K.ColorJitter):
+    """``K.ColorJitter`` (torchvision's formulas: brightness, contrast, saturation, hue in a random
+    order drawn per batch, each image its own factors, applied with probability ``p``), batched:
+    blends for the first three, ``shift_hue`` for the hue. A step whose strength is 0 is skipped, as
+    Kornia skips a step whose drawn factors are all neutral."""
+
+    per_image_keys = ("brightness_factor", "contrast_factor", "saturation_factor", "hue_factor")
+    _steps = ((adjust_brightness, "brightness_factor"), (adjust_contrast, "contrast_factor"),
+              (adjust_saturation, "saturation_factor"), (shift_hue, "hue_factor"))
+
+    def __init__(self, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0, hue: float = 0.0,
+                 p: float = 1.0):
+        super().__init__(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue, p=p)
+        self._on = tuple(float(v) != 0.0 for v in (brightness, contrast, saturation, hue))
+
+    def transform(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = x.clamp(0.0, 1.0)  # a copy: the steps work in place
+        for i in params["order"].tolist():
+            if self._on[i]:
+                step, key = self._steps[i]
+                x = step(x, params[key])
+        return x.clamp_(0.0, 1.0)
+
+
+class BatchedGrayscale(_Batched, K.RandomGrayscale):
+    """``K.RandomGrayscale`` on RGB images: the luma in all three channels, with probability ``p``."""
+
+    def transform(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        if x.shape[1] != 3:
+            raise ValueError(f"BatchedGrayscale needs RGB images (b, 3, H, W), got {tuple(x.shape)}")
+        return grey(x).expand(-1, 3, -1, -1).contiguous()
+
+
+class BatchedGaussianBlur(_Batched, K.RandomGaussianBlur):
+    """``K.RandomGaussianBlur`` with a square odd ``kernel_size``, reflect borders and a sigma drawn
+    per image from ``sigma``, with probability ``p``: per-image kernels in two grouped convolutions."""
+
+    per_image_keys = ("sigma",)
+
+    def __init__(self, kernel_size: int, sigma: tuple[float, float], p: float = 0.5):
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"BatchedGaussianBlur kernel_size={kernel_size} must be an odd integer >= 1")
+        super().__init__((kernel_size, kernel_size), sigma, border_type="reflect", p=p)
+        self.kernel_size = kernel_size
+
+    def transform(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.kernel_size // 2 >= min(x.shape[-2:]):
+            raise ValueError(f"BatchedGaussianBlur kernel_size={self.kernel_size} needs images larger than its radius "
+                             f"{self.kernel_size // 2} for reflect padding, got {tuple(x.shape)}; use a smaller kernel")
+        sigma = params["sigma"].to(x.device, x.dtype, non_blocking=True)
+        return gaussian_blur(x, gaussian_kernels(sigma, self.kernel_size))
+
+
+class BatchedSolarize(_Batched, K.RandomSolarize):
+    """``K.RandomSolarize`` at one fixed ``threshold`` (no additions): with probability ``p``, pixels at
+    or above the threshold are inverted (x -> 1 - x), after clipping to [0, 1]."""
+
+    per_image_keys = ("thresholds", "additions")
+
+    def __init__(self, threshold: float, p: float = 0.5):
+        super().__init__(thresholds=(threshold, threshold), additions=(0.0, 0.0), p=p)
+
+    def transform(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = x.clamp(0.0, 1.0)
+        return torch.where(x < _per_image(params["thresholds"], x), x, 1.0 - x)
+
+
 def photometric_steps(view: ViewSpec, channels: int) -> list[nn.Module]:
     """The colour / blur / solarize steps of ``view`` for images with ``channels`` channels, in
-    DINO's order; steps with probability 0 are left out (so they draw nothing from the RNG)."""
+    DINO's order; steps with probability 0 are left out (so they draw nothing from the RNG). Each
+    is the batched stand-in of a Kornia augmentation (an instance of it, drawing as it does)."""
     steps: list[nn.Module] = []
     b, c, s, h = view.color_jitter
     if channels != 3:
         s = h = 0.0  # saturation and hue need colour
     if view.color_jitter_p > 0 and (b, c, s, h) != (0.0, 0.0, 0.0, 0.0):
-        steps.append(K.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h, p=view.color_jitter_p))
+        steps.append(BatchedColorJitter(brightness=b, contrast=c, saturation=s, hue=h, p=view.color_jitter_p))
     if view.grayscale_p > 0 and channels == 3:
-        steps.append(K.RandomGrayscale(p=view.grayscale_p))
+        steps.append(BatchedGrayscale(p=view.grayscale_p))
     if view.blur_p > 0:
-        k = blur_kernel_size(view.blur_sigma[1], view.size)
-        steps.append(K.RandomGaussianBlur((k, k), view.blur_sigma, border_type="reflect", p=view.blur_p))
+        steps.append(BatchedGaussianBlur(blur_kernel_size(view.blur_sigma[1], view.size), view.blur_sigma,
+                                         p=view.blur_p))
     if view.solarize_p > 0:
-        t = view.solarize_threshold
-        steps.append(K.RandomSolarize(thresholds=(t, t), additions=(0.0, 0.0), p=view.solarize_p))
+        steps.append(BatchedSolarize(view.solarize_threshold, p=view.solarize_p))
     return steps
 
 

@@ -82,12 +82,11 @@ def test_each_image_draws_its_own_parameters_and_a_seed_reproduces_them():
 def test_grey_input_skips_the_colour_only_steps():
     augment = DeviceAugment(dino_specs(), [0.5], [0.5])
     for pipeline in augment.pipelines:
-        kinds = [type(m) for m in pipeline]
-        assert K.RandomGrayscale not in kinds
+        assert not any(isinstance(m, K.RandomGrayscale) for m in pipeline)
         (jitter,) = [m for m in pipeline if isinstance(m, K.ColorJitter)]
         assert "saturation=0.0, hue=0.0" in repr(jitter) and "brightness=0.4, contrast=0.4" in repr(jitter)
     colour = DeviceAugment(dino_specs(), [0.5] * 3, [0.5] * 3)
-    assert K.RandomGrayscale in [type(m) for m in colour.pipelines[0]]
+    assert any(isinstance(m, K.RandomGrayscale) for m in colour.pipelines[0])  # (a batched subclass of it)
 
 
 def plain(size, **kw):
