@@ -215,13 +215,18 @@ def train(cfg: Config) -> dict[str, Any]:
             "channels": backbone.in_chans, "mean": mean, "std": std}, "data": {"train": cfg.data.train, "test": cfg.data.test}}
     start_step, latest = 0, ckpt_mod.latest_checkpoint(run_dir)
     if latest is not None:
-        changed = config_mod.differences(config_mod.load(latest / "config.yaml"), cfg, ignore=RESUMABLE_CHANGES)
+        saved = config_mod.load(latest / "config.yaml")
+        changed = config_mod.differences(saved, cfg, ignore=RESUMABLE_CHANGES)
         if changed:
             raise ConfigError(f"{run_dir} holds a run with other settings ({', '.join(changed)}): "
                               f"set train.run_name to start a new run, or restore those settings to resume")
         start_step, position = ckpt_mod.load_checkpoint(acc, latest)
         if position is not None:
             loader.load_state_dict(position)
+            if saved.data.num_workers != cfg.data.num_workers:  # the order is a function of the worker count
+                say(f"[vit-ssl] data.num_workers changed ({saved.data.num_workers} -> {cfg.data.num_workers}): the rest "
+                    f"of epoch {position['epoch']} is read in another order, so some of its samples repeat or wait "
+                    "for the next epoch; keep the count to resume exactly")
         else:
             say(f"[vit-ssl] {latest.name} was written by another number of processes: the data stream restarts its epoch")
         say(f"[vit-ssl] resumed from {latest} at step {start_step}")

@@ -35,9 +35,11 @@ def colour_images(b=8, c=3, h=10, w=10, seed=0) -> torch.Tensor:
 
 def drawn_alike(ours: nn.Module, theirs: nn.Module, x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Both modules on x from the same seed; asserts they consumed the same random numbers."""
+    before = x.clone()
     torch.manual_seed(seed)
     a = ours(x)
     after_ours = torch.get_rng_state()
+    assert torch.equal(x, before), "the input was changed"
     torch.manual_seed(seed)
     b = theirs(x)
     assert torch.equal(after_ours, torch.get_rng_state()), "the RNG was used differently"
@@ -56,11 +58,13 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> None:
 def test_hue_shift_matches_kornia_over_the_whole_circle():
     x = colour_images(b=9)
     turns = torch.tensor([-0.5, -0.37, -0.1, -1e-7, 0.0, 1e-7, 0.166, 0.33, 0.5])
-    out = A.shift_hue(x, turns)
+    work = x.clone()
+    out = A.shift_hue(work, turns)
+    assert out.data_ptr() == work.data_ptr()  # in place
     assert_close(out, kornia.enhance.adjust_hue(x, turns * 2 * math.pi))
     assert torch.allclose(out[4], x[4], atol=TOL)  # no turn, no change
     # a half turn sends each primary to its complement (red -> cyan) and keeps grey pixels grey
-    half = A.shift_hue(x, torch.full((9,), 0.5))
+    half = A.shift_hue(x.clone(), torch.full((9,), 0.5))
     assert torch.allclose(half[:, :, 1, 0], torch.tensor([0.0, 1.0, 1.0]).expand(9, 3), atol=TOL)
     assert torch.allclose(half[:, :, 0, 3], x[:, :, 0, 3], atol=TOL)
 
@@ -84,6 +88,9 @@ def test_kernels_and_blur_match_kornia_on_a_non_square_image():
     assert torch.allclose(kernels.sum(-1), torch.ones(4)) and torch.equal(kernels, kernels.flip(-1))
     expected = kornia.filters.gaussian_blur2d(x, (7, 7), sigma[:, None].expand(-1, 2), border_type="reflect")
     assert_close(A.gaussian_blur(x, kernels), expected)
+    work = x.clone()
+    assert A.gaussian_blur(work, kernels, out=work) is work  # into its own input
+    assert_close(work, expected)
 
 
 # --------------------------------------------------------------------------- each module against Kornia's
@@ -142,6 +149,10 @@ def test_greyscale_and_solarize_like_kornia(p):
         assert_close(a, b)
         a, b = drawn_alike(BatchedSolarize(0.5, p=p), K.RandomSolarize((0.5, 0.5), (0.0, 0.0), p=p), x, seed)
         assert_close(a, b, tol=0.0)
+    grey = BatchedGrayscale(p=1.0)(x)
+    assert grey.is_contiguous() and torch.equal(grey[:, 0], grey[:, 2])  # its own pixels, not a view of one channel
+    grey[:, 0] += 1.0
+    assert not torch.equal(grey[:, 0], grey[:, 1])
     out = BatchedSolarize(0.5, p=1.0)(x)
     assert torch.equal(out[:, :, 0, 2], torch.full_like(out[:, :, 0, 2], 0.5))  # 0.5 is at the threshold: 1 - 0.5
 
@@ -157,7 +168,7 @@ def test_a_draw_replays_and_the_where_path_agrees_with_the_subset_path():
     assert 0 < int((params["batch_prob"] > 0.5).sum()) < 12  # a mixed selection, so both paths matter
     assert torch.equal(jitter(x, params=params), first)
     chosen = (params["batch_prob"] > 0.5).view(-1, 1, 1, 1)
-    assert_close(torch.where(chosen, jitter.transform(x, params), x), first, tol=0.0)
+    assert_close(torch.where(chosen, jitter.transform(x, params, owned=False), x), first, tol=0.0)
 
 
 # --------------------------------------------------------------------------- the whole chain
@@ -188,6 +199,20 @@ def test_the_photometric_chain_matches_kornia(channels):
     for seed in range(4):
         a, b = drawn_alike(ours, kornia_steps(view, channels), x, seed)
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5, 1.0])
+def test_in_place_steps_give_the_same_pixels_in_their_input(p):
+    view = ViewSpec(10, color_jitter=(0.4, 0.4, 0.2, 0.1), color_jitter_p=p, grayscale_p=p, blur_p=p, solarize_p=p)
+    x = colour_images(b=12)
+    for step, again in zip(photometric_steps(view, 3), photometric_steps(view, 3, inplace=True)):
+        assert again.inplace and not step.inplace
+        torch.manual_seed(0)
+        expected = step(x)
+        work = x.clone()
+        torch.manual_seed(0)
+        out = again(work)
+        assert torch.equal(out, expected) and out.data_ptr() == work.data_ptr(), type(step).__name__
 
 
 def test_device_augment_views_match_the_kornia_pipeline():
