@@ -1078,6 +1078,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = {"write": _write, "inspect": _inspect, "verify": _verify}[args.command]
     try:
         return run(args)
+    except BrokenPipeError:  # the reader went away (`... inspect OUT | head`): stop quietly, as Unix tools do
+        sys.stderr.close()
+        return 0
     except (OSError, ValueError) as exn:  # bad source, option, folder or manifest: say so, no traceback
         print(f"error: {exn}", file=sys.stderr)
         return 2
