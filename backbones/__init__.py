@@ -24,7 +24,7 @@ from .base import (
     save_head,
 )
 
-_INFRASTRUCTURE = {"base", "layers", "convert", "import_vit_pytorch", "timm_backbone", "video"}
+_INFRASTRUCTURE = {"base", "layers", "convert", "import_vit_pytorch", "timm_backbone", "timm_export", "video"}
 for _module in sorted(m.name for m in _pkgutil.iter_modules(__path__)):
     if _module not in _INFRASTRUCTURE and not _module.startswith("_"):
         _importlib.import_module(f"{__name__}.{_module}")

@@ -277,27 +277,115 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_meta(path: str | Path) -> dict[str, Any]:
-    """The backbone.json of a checkpoint or backbone folder."""
+# An export folder (python -m pretrain.export): config.json + model.safetensors, "format" says whose
+# layout the weights are in: "vit-ssl" (ours, what backbones.save writes) or timm's (config.json with
+# "architecture" / "model_args", as timm and the Hugging Face hub write it).
+EXPORT_WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.json"
+EXPORT_FORMAT, EXPORT_FORMAT_VERSION = "vit-ssl", 1
+
+
+def is_backbone_folder(path: str | Path) -> bool:
+    """Whether `path` is a folder backbones.load reads: a checkpoint / backbones.save() folder
+    (backbone.json) or an export folder (config.json). For TARGET arguments of commands."""
     path = Path(path)
-    meta_file = path / META if path.is_dir() else path
-    if not meta_file.is_file():
+    return path.is_dir() and ((path / META).is_file() or (path / EXPORT_CONFIG).is_file())
+
+
+def _folder_kind(directory: Path) -> str:
+    """'checkpoint' (backbone.json), 'export' (config.json of format vit-ssl) or 'timm' (timm-style config.json)."""
+    if (directory / META).is_file():
+        return "checkpoint"
+    if (directory / EXPORT_CONFIG).is_file():
+        return "timm" if "architecture" in _read_json(directory / EXPORT_CONFIG) else "export"
+    raise FileNotFoundError(
+        f"no {META} or {EXPORT_CONFIG} in {directory}: pass a checkpoint folder (RUN_DIR/checkpoints/step-NNNNNN), "
+        f"a folder written by backbones.save() or an export folder (python -m pretrain.export)"
+    )
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e}): re-export or re-save the backbone") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} holds a {type(data).__name__}, not a JSON object: re-export or re-save the backbone")
+    return data
+
+
+def _export_meta(config: dict[str, Any], file: Path) -> dict[str, Any]:
+    """The meta of an export folder's config.json: the vit-ssl one as written (name, kwargs,
+    preprocess, step, ...); a timm one as a `timm:ARCHITECTURE` backbone (what load rebuilds)."""
+    if "architecture" in config:
+        if config.get("num_classes", 0) not in (0, None):
+            raise ValueError(f"{file}: num_classes={config['num_classes']}: backbones.load reads timm backbones "
+                             "without a classifier (num_classes 0); build this one with timm.create_model")
+        cfg = config.get("pretrained_cfg") or {}
+        provenance = dict(config.get("vit_ssl") or {})
+        preprocess = provenance.pop("preprocess", None)
+        if preprocess is None and "mean" in cfg and "input_size" in cfg:
+            preprocess = {"image_size": list(cfg["input_size"][1:]), "channels": cfg["input_size"][0],
+                          "mean": list(cfg["mean"]), "std": list(cfg["std"])}
+        return {**provenance, "format": "timm", "name": f"timm:{config['architecture']}",
+                "kwargs": dict(config.get("model_args") or {}), "preprocess": preprocess}
+    fmt, version = config.get("format"), config.get("format_version")
+    if fmt != EXPORT_FORMAT or not isinstance(version, int):
+        raise ValueError(f"{file} has format={fmt!r}, format_version={version!r}: expected format {EXPORT_FORMAT!r} "
+                         "(python -m pretrain.export) or a timm config with 'architecture'")
+    if version > EXPORT_FORMAT_VERSION:
+        raise ValueError(f"{file} has format_version={version}, newer than this vit-ssl reads "
+                         f"({EXPORT_FORMAT_VERSION}): update vit-ssl")
+    for key in ("name", "kwargs"):
+        if key not in config:
+            raise ValueError(f"{file} has no {key!r} entry: re-export the checkpoint with python -m pretrain.export")
+    return config
+
+
+def load_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata of a saved backbone: backbone.json of a checkpoint or backbones.save() folder,
+    or config.json of an export folder (vit-ssl format as written; timm format as name
+    `timm:ARCHITECTURE`, kwargs = model_args, preprocess from its pretrained_cfg)."""
+    path = Path(path)
+    if path.is_dir():
+        file = path / (META if _folder_kind(path) == "checkpoint" else EXPORT_CONFIG)
+    elif path.is_file():
+        file = path
+    else:
         raise FileNotFoundError(
-            f"no {META} in {path}: pass a checkpoint folder (RUN_DIR/checkpoints/step-NNNNNN) "
-            f"or a folder written by backbones.save()"
+            f"{path} does not exist: pass a checkpoint folder (RUN_DIR/checkpoints/step-NNNNNN), a folder written "
+            f"by backbones.save() or an export folder (python -m pretrain.export)"
         )
-    return json.loads(meta_file.read_text())
+    meta = _read_json(file)
+    return _export_meta(meta, file) if file.name == EXPORT_CONFIG else meta
+
+
+def read_safetensors(file: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; anything else (a pickle renamed .safetensors) is refused
+    unread, never unpickled."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing: the folder holds a config but no weights; re-export or re-save it")
+    try:
+        return load_file(str(file), device=str(map_location))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file} is not a safetensors file ({e}); weights are only read from safetensors, never "
+                         "unpickled: re-export the backbone with python -m pretrain.export") from None
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> Backbone:
-    """Rebuild a saved backbone and load its weights strictly (a mismatch is an error, never ignored)."""
-    from safetensors.torch import load_file
-
+    """Rebuild a saved backbone and load its weights strictly (a mismatch is an error, never
+    ignored): a checkpoint / backbones.save() folder, or an export folder of either format (a timm
+    one comes back as a `timm:ARCHITECTURE` backbone)."""
     path = Path(path)
     directory = path if path.is_dir() else path.parent
+    kind = _folder_kind(directory)
     meta = load_meta(directory)
     model = create(meta["name"], **meta["kwargs"])
-    state = load_file(str(directory / WEIGHTS), device=str(map_location))
+    state = read_safetensors(directory / (WEIGHTS if kind == "checkpoint" else EXPORT_WEIGHTS), map_location)
+    if kind == "timm":  # timm's keys are our TimmBackbone's without its "model." prefix
+        state = {f"model.{k}": v for k, v in state.items()}
     model.load_state_dict(state, strict=True)
     return model
 
@@ -349,8 +437,6 @@ def save_head(head: nn.Linear, directory: str | Path, head_dist: nn.Linear | Non
 
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
     """A saved backbone with its head (a checkpoint of a supervised run, or an export with a head)."""
-    from safetensors.torch import load_file
-
     directory = Path(path)
     if not (directory / HEAD).is_file():
         raise FileNotFoundError(
@@ -358,7 +444,7 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
             "labels (--objective supervised) or save a head beside the backbone with backbones.save_head()"
         )
     backbone = load(directory, map_location)
-    state = load_file(str(directory / HEAD), device=str(map_location))
+    state = read_safetensors(directory / HEAD, map_location)
     if "weight" not in state or state["weight"].ndim != 2:
         raise ValueError(f"{directory / HEAD} is not a linear head (expected 'weight' (K, D) and 'bias' (K,))")
 

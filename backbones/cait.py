@@ -69,6 +69,8 @@ class TalkingHeadsAttention(nn.Module):
     before the softmax and the probabilities after it. The mixing matrices start as the identity,
     so a fresh layer is plain multi-head attention."""
 
+    records_attention = True  # eval.attention records it (ClassAttention, one query, is not recorded)
+
     def __init__(self, dim: int, heads: int, head_dim: int | None = None, qkv_bias: bool = True, proj_bias: bool = True,
                  proj_drop: float = 0.0):
         super().__init__()

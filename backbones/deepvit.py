@@ -24,6 +24,8 @@ class ReAttention(nn.Module):
     (H, H) (new head g = sum_h A_h * W[h, g]), then a LayerNorm over the heads of every (i, j)
     entry, then applied to the values. The mixing starts as the identity."""
 
+    records_attention = True  # eval.attention records it (the mixed maps: rows need not sum to 1)
+
     def __init__(self, dim: int, heads: int, head_dim: int | None = None, qkv_bias: bool = True, proj_bias: bool = True,
                  proj_drop: float = 0.0, norm_eps: float = 1e-6):
         super().__init__()

@@ -31,6 +31,10 @@ class Attention(nn.Module):
     is materialised by the flash / memory-efficient kernels). `head_dim` sets the width of each
     head independently of `dim` (vit-pytorch's dim_head; inner width heads * head_dim)."""
 
+    # eval.attention records the layers that say so: self-attention whose attention_probs(same
+    # inputs as forward) gives the (B, H, N, N) matrix of that call (subclasses inherit it)
+    records_attention = True
+
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  head_dim: int | None = None, proj_bias: bool = True):
         super().__init__()

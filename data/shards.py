@@ -663,6 +663,23 @@ def write_shards(
 # --------------------------------------------------------------------------------------------
 
 
+def find_manifest(spec: Any) -> dict | None:
+    """The manifest of a shard set given as its folder, or as a pattern / list of local shards (the
+    folder of the first one); None when there is none (remote shards): callers then need the
+    class count, mean and std from elsewhere."""
+    candidates: list[Any] = [spec] if isinstance(spec, (str, os.PathLike)) else []
+    try:
+        candidates.append(Path(shard_urls(spec)[0]).parent)
+    except (ValueError, FileNotFoundError, OSError, IndexError):
+        pass
+    for where in candidates:
+        try:
+            return read_manifest(where)
+        except (FileNotFoundError, ValueError, OSError, TypeError):
+            continue
+    return None
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     """The manifest of a shard folder (``path`` = the folder or its manifest.json).
 

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 FEATURES_DIR = "features"
-# Images per forward pass. On a CPU, smaller batches keep the activations in cache: a ViT of width
-# 128, depth 6 at 28 px / patch 4 ran at ~500 images/s with 128 per batch and ~300 with 512 (2 threads).
-CPU_BATCH, ACCELERATOR_BATCH = 128, 512
+# Images per forward pass. On a CPU, moderate batches keep the activations in cache: the MAE recipe's
+# ViT (width 128, depth 6, 28 px / patch 4) ran at 540-650 images/s with 64-256 per batch, best at 256,
+# and 380-560 with 512-1,024 (2 idle cores, 3 rounds of 4,096 test images).
+CPU_BATCH, ACCELERATOR_BATCH = 256, 512
 
 Batch = Any  # (images, labels, ...) tuple, or an object with .images and .labels (data.stream.Batch)
 
@@ -87,8 +88,81 @@ def _check_device(backbone: nn.Module, device: str | torch.device | None) -> tor
 
 
 def default_batch_size(device: str | torch.device) -> int:
-    """Images per forward pass for tensor input: 128 on a CPU, 512 on an accelerator."""
+    """Images per forward pass for tensor input: 256 on a CPU, 512 on an accelerator."""
     return CPU_BATCH if torch.device(device).type == "cpu" else ACCELERATOR_BATCH
+
+
+def launch_state():
+    """Accelerate's PartialState for this process: joins the process group when started by a launcher
+    (`accelerate launch`, torchrun). ACCELERATE_USE_CPU=1 is honoured as the Accelerator does (STACK.md:
+    without cpu=True, several CPU processes do not form one job)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the running torch.distributed job (Accelerate sets one up), (0, 1) outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _comm_device() -> torch.device:
+    """Where collective tensors must live: the current GPU under NCCL, else the CPU (gloo)."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_gather_rows(local: torch.Tensor, width: int) -> list[torch.Tensor]:
+    """Every rank's (n_r, width) rows, in rank order, with exactly the rows each rank has: the
+    tensors are padded to the longest for the collective and trimmed afterwards (no duplicates)."""
+    import torch.distributed as dist
+
+    _, world = process_group()
+    dev = _comm_device()
+    n = torch.tensor([local.shape[0]], device=dev)
+    counts = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(counts, n)
+    longest = int(max(c.item() for c in counts))
+    padded = local.new_zeros((longest, width)).to(dev)
+    padded[: local.shape[0]] = local.to(dev)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return [p[: int(c.item())].cpu() for p, c in zip(parts, counts)]
+
+
+def _gather_batches(feats: list[torch.Tensor], labs: list[torch.Tensor], world: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reassemble round-robin batches (batch i was computed by rank i % world) into the input's order."""
+    import torch.distributed as dist
+
+    dev = _comm_device()
+    header = torch.tensor([feats[0].shape[1] if feats else -1, int(bool(labs))], device=dev)
+    headers = [torch.zeros_like(header) for _ in range(world)]
+    dist.all_gather(headers, header)
+    width = max(int(h[0]) for h in headers)
+    if width < 0:
+        raise ValueError("no images to extract features from: the tensor or the iterable of batches was empty")
+    if len({int(h[1]) for h in headers if int(h[0]) >= 0}) > 1:
+        raise ValueError("some batches had labels and some did not: give every batch labels, or none")
+    with_labels = any(int(h[1]) for h in headers)
+    sizes = torch.tensor([[f.shape[0]] for f in feats], dtype=torch.float32).reshape(-1, 1)
+    local = torch.cat(feats) if feats else torch.zeros(0, width)
+    all_feats = _all_gather_rows(local, width)
+    all_sizes = [s[:, 0].long().tolist() for s in _all_gather_rows(sizes, 1)]
+    all_labs = _all_gather_rows(torch.cat(labs)[:, None] if labs else torch.zeros(0, 1, dtype=torch.long), 1) if with_labels else None
+    # split each rank's rows back into its batches, then interleave: batch i = rank i % world, its (i // world)-th
+    per_rank = [list(f.split(s)) for f, s in zip(all_feats, all_sizes)]
+    per_rank_labs = [list(lb[:, 0].split(s)) for lb, s in zip(all_labs, all_sizes)] if with_labels else None
+    total = sum(len(s) for s in all_sizes)
+    order = [(i % world, i // world) for i in range(total)]
+    out = torch.cat([per_rank[r][j] for r, j in order])
+    return out, (torch.cat([per_rank_labs[r][j] for r, j in order]) if with_labels else None)
 
 
 def extract_features(
@@ -98,6 +172,7 @@ def extract_features(
     preprocess: dict[str, Any],
     batch_size: int | None = None,
     device: str | torch.device | None = None,
+    distributed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pooled embeddings (N, D) float32 on the CPU, and the labels (N,) int64 (None if there were none).
 
@@ -107,7 +182,13 @@ def extract_features(
     `device` (default: where the backbone's parameters are) and preprocessed there with
     `data.augment.eval_transform`. Runs in eval mode under inference_mode; the backbone's training
     flag is restored afterwards, and the backbone is never moved. batch_size (for tensor input)
-    defaults to 128 on a CPU and 512 on an accelerator.
+    defaults to 256 on a CPU and 512 on an accelerator.
+
+    distributed=True (a collective: every process of the running job calls it with the same input):
+    batch i is computed by rank i % world_size only, and the features are all-gathered so that
+    every rank returns all of them, exactly one row per sample, in the input's order (the ranks'
+    shares are padded for the collective and trimmed, so no sample is duplicated). Outside a
+    distributed job it is the same as distributed=False.
     """
     from data.augment import eval_transform  # data is a lower layer; imported here to keep `import eval` light
 
@@ -115,12 +196,15 @@ def extract_features(
     device = _check_device(backbone, device)
     batches = _as_batches(images, labels, batch_size or default_batch_size(device))
     size = image_size(preprocess)
+    rank, world = process_group() if distributed else (0, 1)
     feats, labs = [], []
     was_training = backbone.training
     backbone.eval()
     try:
         with torch.inference_mode():
-            for batch in batches:
+            for i, batch in enumerate(batches):
+                if i % world != rank:  # another rank's batch
+                    continue
                 imgs, labs_b = _split_batch(batch)
                 x = eval_transform(imgs.to(device, non_blocking=True), size=size, mean=preprocess["mean"], std=preprocess["std"])
                 feats.append(backbone(x).float().cpu())
@@ -128,6 +212,10 @@ def extract_features(
                     labs.append(torch.as_tensor(labs_b).long().cpu())
     finally:
         backbone.train(was_training)
+    if labs and len(labs) != len(feats):
+        raise ValueError("some batches had labels and some did not: give every batch labels, or none")
+    if world > 1:
+        return _gather_batches(feats, labs, world)
     if not feats:
         raise ValueError("no images to extract features from: the tensor or the iterable of batches was empty")
     if labs and len(labs) != len(feats):
@@ -146,24 +234,40 @@ def cached_features(
     checkpoint_dir: str | os.PathLike,
     split: str,
     compute_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-) -> tuple[torch.Tensor, torch.Tensor]:
+    distributed: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(features, labels) of `split`: read from the checkpoint's cache, else computed by compute_fn() and cached.
 
     The split name must identify the data exactly (e.g. 'fmnist-train-2000' for a 2,000-image subset):
     it is the whole cache key, and a checkpoint's weights never change once written. The file is
     written under a temporary name and renamed, so a crash never leaves a half-written cache.
+
+    distributed=True (a collective): rank 0 decides whether the cache exists; if not, every rank
+    runs compute_fn() (a distributed extraction) and rank 0 writes the file. When the features were
+    already cached, ranks other than 0 return None: only rank 0 scores.
     """
     from safetensors.torch import load_file, save_file
 
     path = feature_cache_path(checkpoint_dir, split)
-    if path.is_file():
+    rank, world = process_group() if distributed else (0, 1)
+    cached = path.is_file()
+    if world > 1:
+        import torch.distributed as dist
+
+        decision = [cached]
+        dist.broadcast_object_list(decision, src=0)
+        cached = decision[0]
+    if cached:
+        if rank != 0:
+            return None
         tensors = load_file(str(path))
         return tensors["features"], tensors["labels"]
     feats, labels = compute_fn()
     if labels is None:
         raise ValueError(f"compute_fn for split {split!r} returned no labels: features are cached with their labels")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, str(tmp), metadata={"split": split})
-    os.replace(tmp, path)
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+        save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, str(tmp), metadata={"split": split})
+        os.replace(tmp, path)
     return feats, labels

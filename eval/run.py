@@ -1,12 +1,16 @@
-"""Score backbones: kNN and linear probe on frozen features; the `python -m eval.run` command.
+"""Score backbones: kNN, linear probe (and fine-tuning) of checkpoints; the `python -m eval.run` command.
 
-    python -m eval.run TARGET [--knn] [--linear] [--k 20 ...] [--train-samples N]
-                              [--fashion-mnist-dir DIR] [--runs-root DIR] [--device DEV]
+    python -m eval.run TARGET [--knn] [--linear] [--finetune] [--k 10 20 100 200]
+                              [--train-shards P --test-shards P] [--train-samples N]
+                              [--eval-run] [--runs-root DIR] [--device DEV]
+    accelerate launch -m eval.run TARGET ...      (every process extracts its share of the features)
 
-TARGET is a checkpoint folder (it holds backbone.json) or a run folder (every complete
-checkpoints/step-* in step order). Scores are logged to MLflow at the checkpoint's step: into the
-pretraining run named in RUN_DIR/run.json when there is one, else into a new run of experiment
-`vit-ssl-eval`. Works from a backbone and its saved config alone: no objective or trainer code.
+TARGET is a checkpoint folder (it holds backbone.json), a run folder (every complete
+checkpoints/step-* in step order) or an exported backbone (`python -m pretrain.export`). Scores are
+logged to MLflow at the checkpoint's step: into the pretraining run named in RUN_DIR/run.json when
+there is one (or, with --eval-run, into a new run of experiment `vit-ssl-eval` tagged with the
+pretraining run as its parent), else into a new `vit-ssl-eval` run. Works from a backbone and its
+saved config alone: no objective or trainer code.
 """
 from __future__ import annotations
 
@@ -25,13 +29,15 @@ import torch
 from torch import nn
 
 import backbones
+from backbones.base import is_backbone_folder
 
 from . import tracking
-from .features import cached_features, default_batch_size, extract_features, image_size
+from .features import cached_features, default_batch_size, extract_features, image_size, launch_state, process_group
 from .knn import knn_accuracy
 from .linear import linear_probe
 
-EVAL_EXPERIMENT = "vit-ssl-eval"
+EVAL_EXPERIMENT = tracking.EVAL_EXPERIMENT
+DEFAULT_KS = (10, 20, 100, 200)  # DINO reports 20 and 200
 SUBSET_SEED = 0  # the train subset is the first N of a permutation drawn with this seed
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -98,25 +104,30 @@ class EvalData:
     load_test: Callable[[], Pair | Iterable[Pair]]
 
 
-def _subset(n: int, total: int) -> torch.Tensor:
+def subset_indices(n: int, total: int) -> torch.Tensor:
+    """The fixed seeded subset of n of `total` samples every evaluator uses for a given N."""
     return torch.randperm(total, generator=torch.Generator().manual_seed(SUBSET_SEED))[:n]
 
 
-def _builtin_data(train_samples: int | None, root: str | os.PathLike | None) -> EvalData:
-    """Built-in Fashion-MNIST: train = the first `train_samples` of a seeded permutation (or all), test = all."""
+def _builtin_data(train_samples: int | None, root: str | os.PathLike | None, test_samples: int | None = None) -> EvalData:
+    """Built-in Fashion-MNIST: each split = the first `*_samples` of a seeded permutation of it (or all of it)."""
     from data.builtin import FASHION_MNIST_CLASSES, load_fashion_mnist
 
-    def train() -> Pair:
-        images, labels = load_fashion_mnist("train", root=root)
-        if train_samples is not None and train_samples < len(labels):
-            keep = _subset(train_samples, len(labels))
-            images, labels = images[keep], labels[keep]
-        return images, labels
+    def load(split: str, n: int | None) -> Callable[[], Pair]:
+        def run() -> Pair:
+            images, labels = load_fashion_mnist(split, root=root)
+            if n is not None and n < len(labels):
+                keep = subset_indices(n, len(labels))
+                images, labels = images[keep], labels[keep]
+            return images, labels
 
-    suffix = "" if train_samples is None else f"-{train_samples}"
-    return EvalData(
-        f"fmnist-train{suffix}", "fmnist-test", len(FASHION_MNIST_CLASSES), train, lambda: load_fashion_mnist("test", root=root)
-    )
+        return run
+
+    def name(split: str, n: int | None) -> str:
+        return f"fmnist-{split}" + ("" if n is None else f"-{n}")
+
+    return EvalData(name("train", train_samples), name("test", test_samples), len(FASHION_MNIST_CLASSES),
+                    load("train", train_samples), load("test", test_samples))
 
 
 def reservoir_sample(batches: Iterable[Pair], n: int, seed: int) -> Pair:
@@ -144,16 +155,17 @@ def reservoir_sample(batches: Iterable[Pair], n: int, seed: int) -> Pair:
     return images[: min(seen, n)], labels[: min(seen, n)]
 
 
-def _shard_data(spec: dict[str, Any], preprocess: dict[str, Any], train_samples: int | None, batch_size: int) -> EvalData:
-    """Shards named in backbone.json's 'data', read without shuffling; train = a seeded uniform
-    random sample of `train_samples` of them (reservoir sampling), or all."""
-    from data.shards import read_manifest, shard_urls
+def _shard_data(spec: dict[str, Any], preprocess: dict[str, Any], train_samples: int | None, batch_size: int,
+                test_samples: int | None = None) -> EvalData:
+    """Labelled shards (spec = {"train": ..., "test": ...}), read without shuffling; each split = a
+    seeded uniform random sample of `*_samples` of it (reservoir sampling), or all of it."""
+    from data.shards import find_manifest, shard_urls
     from data.stream import ShardLoader
 
     if not spec.get("test"):
         raise ValueError(
-            f"backbone.json data.train is {spec.get('train')!r} but data.test is {spec.get('test')!r}: "
-            f"kNN and linear scores need a labelled test split; set data.test in the run's config"
+            f"the train shards are {spec.get('train')!r} but there are no test shards: kNN and linear scores "
+            f"need a labelled test split; pass --test-shards (or set data.test in the run's config)"
         )
 
     def batches(which: str, limit: int | None) -> Iterable[Pair]:
@@ -168,35 +180,41 @@ def _shard_data(spec: dict[str, Any], preprocess: dict[str, Any], train_samples:
             return pairs
         return [reservoir_sample(pairs, limit, SUBSET_SEED)]
 
-
-    try:
-        num_classes = len(read_manifest(spec["train"])["classes"])
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        num_classes = 0  # no manifest (URLs, patterns): from the labels, once they are known
+    manifest = find_manifest(spec["train"]) or {}
+    num_classes = len(manifest.get("classes") or [])  # 0 without a manifest (URLs): from the labels, once known
     key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
-    suffix = "" if train_samples is None else f"-{train_samples}"
+
+    def name(split: str, n: int | None) -> str:
+        return f"shards-{key}-{split}" + ("" if n is None else f"-{n}")
+
     return EvalData(
-        f"shards-{key}-train{suffix}", f"shards-{key}-test", num_classes,
-        lambda: batches("train", train_samples), lambda: batches("test", None),
+        name("train", train_samples), name("test", test_samples), num_classes,
+        lambda: batches("train", train_samples), lambda: batches("test", test_samples),
     )
 
 
 def checkpoint_data(
-    meta: dict[str, Any], train_samples: int | None, fashion_mnist_dir: str | None, device: torch.device
+    meta: dict[str, Any], train_samples: int | None, fashion_mnist_dir: str | None, device: torch.device,
+    shards: dict[str, str | None] | None = None, test_samples: int | None = None,
 ) -> EvalData:
-    """The eval data of a checkpoint: the shards its run trained on (backbone.json 'data'), else built-in Fashion-MNIST."""
-    spec = meta.get("data") or {}
-    if spec.get("train"):
-        return _shard_data(spec, meta["preprocess"], train_samples, default_batch_size(device))
-    return _builtin_data(train_samples, fashion_mnist_dir)
+    """The eval data of a checkpoint: `shards` ({"train", "test"}: the user's labelled shards) when
+    given, else the shards its run trained on (backbone.json 'data'), else built-in Fashion-MNIST."""
+    spec = {k: v for k, v in (shards or {}).items() if v} or meta.get("data") or {}
+    if spec.get("train") or spec.get("test"):
+        if not spec.get("train"):
+            raise ValueError(f"test shards {spec['test']!r} were given without train shards: pass --train-shards too "
+                             "(kNN and the linear probe learn from a labelled train split)")
+        return _shard_data(spec, meta["preprocess"], train_samples, default_batch_size(device), test_samples)
+    return _builtin_data(train_samples, fashion_mnist_dir, test_samples)
 
 
-def _features(backbone: nn.Module, preprocess: dict, source: Callable[[], Any], device: torch.device) -> Pair:
+def _features(backbone: nn.Module, preprocess: dict, source: Callable[[], Any], device: torch.device,
+              distributed: bool = False) -> Pair:
     """Features of what `source()` returns: an (images, labels) pair of tensors or an iterable of batches."""
     got = source()
     if isinstance(got, tuple) and isinstance(got[0], torch.Tensor):
-        return extract_features(backbone, got[0], got[1], preprocess, device=device)
-    return extract_features(backbone, got, None, preprocess, device=device)
+        return extract_features(backbone, got[0], got[1], preprocess, device=device, distributed=distributed)
+    return extract_features(backbone, got, None, preprocess, device=device, distributed=distributed)
 
 
 def score_checkpoint(
@@ -208,23 +226,24 @@ def score_checkpoint(
     train_samples: int | None = None,
     fashion_mnist_dir: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
+    shards: dict[str, str | None] | None = None,
+    distributed: bool = False,
 ) -> dict[str, float]:
-    """Score a checkpoint folder's backbone; features are cached in CHECKPOINT/features/.
+    """Score a checkpoint (or exported backbone) folder's backbone; features are cached in CHECKPOINT/features/.
 
-    Data: the built-in Fashion-MNIST (train = the first `train_samples` of a fixed seeded
-    permutation, or all 60,000; test = all 10,000), or the shards named in backbone.json's 'data'.
+    Data: `shards` ({"train": ..., "test": ...}, the user's labelled shards), else the shards named in
+    backbone.json's 'data', else the built-in Fashion-MNIST (train = the first `train_samples` of a
+    fixed seeded permutation, or all 60,000; test = all 10,000).
+
+    distributed=True (a collective, e.g. under `accelerate launch`): every process extracts its
+    share of the features, rank 0 writes the cache and scores; other ranks return {}.
     """
     if train_samples is not None and train_samples < 1:
         raise ValueError(f"train_samples={train_samples} must be >= 1 (or None for the whole train split)")
     meta = backbones.load_meta(checkpoint_dir)
-    if "preprocess" not in meta:
-        raise ValueError(
-            f"{Path(checkpoint_dir) / 'backbone.json'} has no 'preprocess' entry (image_size, channels, mean, std): "
-            f"save the backbone with extra={{'preprocess': ...}} as the trainer does"
-        )
-    preprocess = meta["preprocess"]
+    preprocess = _preprocess(meta, checkpoint_dir)
     device = torch.device(device)
-    data = checkpoint_data(meta, train_samples, None if fashion_mnist_dir is None else str(fashion_mnist_dir), device)
+    data = checkpoint_data(meta, train_samples, None if fashion_mnist_dir is None else str(fashion_mnist_dir), device, shards)
     model: nn.Module | None = None
 
     def compute(source: Callable[[], Any]) -> Callable[[], Pair]:
@@ -232,14 +251,57 @@ def score_checkpoint(
             nonlocal model
             if model is None:  # load the weights only when some split is not cached yet
                 model = backbones.load(checkpoint_dir).to(device)
-            return _features(model, preprocess, source, device)
+            return _features(model, preprocess, source, device, distributed)
 
         return run
 
-    train = cached_features(checkpoint_dir, data.train_name, compute(data.load_train))
-    test = cached_features(checkpoint_dir, data.test_name, compute(data.load_test))
+    train = cached_features(checkpoint_dir, data.train_name, compute(data.load_train), distributed)
+    test = cached_features(checkpoint_dir, data.test_name, compute(data.load_test), distributed)
+    if train is None or test is None or process_group()[0] != 0:
+        return {}
     num_classes = data.num_classes or int(max(train[1].max(), test[1].max())) + 1
     return score_features(train, test, num_classes, knn=knn, linear=linear, ks=ks)
+
+
+def _preprocess(meta: dict[str, Any], where: str | os.PathLike) -> dict[str, Any]:
+    if "preprocess" not in meta:
+        raise ValueError(
+            f"{where} has no 'preprocess' entry (image_size, channels, mean, std) in its backbone.json / config.json: "
+            f"save the backbone with extra={{'preprocess': ...}} as the trainer does"
+        )
+    return meta["preprocess"]
+
+
+def subset_scorer(
+    meta: dict[str, Any], train_samples: int, test_samples: int, *, ks: Sequence[int] = (20,),
+    fashion_mnist_dir: str | None = None, device: str | torch.device = "cpu",
+) -> Callable[[nn.Module], dict[str, float]]:
+    """kNN on a fixed seeded subset (train bank of `train_samples`, `test_samples` test images), for
+    watching a run while it trains: the images are read once, here; the returned function scores a
+    backbone (a collective under a distributed job: every rank extracts its share; rank 0 gets the
+    scores, named 'knn_subset/top1@K', other ranks {}). Nothing is cached: the weights change."""
+    device = torch.device(device)
+    preprocess = _preprocess(meta, "the run's backbone")
+    data = checkpoint_data(meta, train_samples, fashion_mnist_dir, device, test_samples=test_samples)
+
+    def materialise(got: Any) -> Pair:
+        if isinstance(got, tuple) and isinstance(got[0], torch.Tensor):
+            return got
+        images, labels = zip(*got)
+        return torch.cat(images), torch.cat(labels)
+
+    train, test = materialise(data.load_train()), materialise(data.load_test())
+    num_classes = data.num_classes or int(max(train[1].max(), test[1].max())) + 1
+
+    def score(backbone: nn.Module) -> dict[str, float]:
+        tr = extract_features(backbone, *train, preprocess, device=device, distributed=True)
+        te = extract_features(backbone, *test, preprocess, device=device, distributed=True)
+        if process_group()[0] != 0:
+            return {}
+        res = knn_accuracy(tr[0], tr[1], te[0], te[1], num_classes, ks=ks)
+        return {f"knn_subset/{k}": v for k, v in res.items()}
+
+    return score
 
 
 # --------------------------------------------------------------------------- targets
@@ -249,30 +311,41 @@ class TargetError(ValueError):
     """TARGET is neither a checkpoint folder nor a run folder with checkpoints."""
 
 
-def _step_of(checkpoint: Path, meta: dict[str, Any] | None = None) -> int:
+def step_of(checkpoint: Path, meta: dict[str, Any] | None = None) -> int:
+    """A checkpoint's step: backbone.json 'step', else the N of a step-N folder name, else 0."""
     if meta is not None and isinstance(meta.get("step"), int):
         return meta["step"]
     m = _STEP_DIR.match(checkpoint.name)
     return int(m.group(1)) if m else 0
 
 
+def _run_of(checkpoint: Path) -> Path | None:
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
 def find_checkpoints(target: str | os.PathLike) -> tuple[list[Path], Path | None]:
-    """(checkpoint folders in step order, the run folder or None) for a checkpoint or run folder."""
+    """(checkpoint folders in step order, the run folder or None) for a checkpoint folder, a run
+    folder, or an exported backbone (its run is the one it was exported from, when that still exists)."""
     path = Path(target).expanduser()
     if (path / "backbone.json").is_file():
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-        return [path], run_dir
+        return [path], _run_of(path)
+    if is_backbone_folder(path):  # an export: its run is the one named by the checkpoint it came from
+        source = backbones.load_meta(path).get("source")
+        run_dir = _run_of(Path(source)) if source else None
+        return [path], (run_dir if run_dir is not None and run_dir.is_dir() else None)
     ckpt_root = path / "checkpoints"
     if not path.is_dir():
-        raise TargetError(f"TARGET {path} does not exist: pass a checkpoint folder (with backbone.json) or a run folder")
+        raise TargetError(f"TARGET {path} does not exist: pass a checkpoint folder (with backbone.json), a run folder "
+                          "or an exported backbone (python -m pretrain.export)")
     if not ckpt_root.is_dir():
         raise TargetError(
-            f"TARGET {path} is neither a checkpoint folder (no backbone.json) nor a run folder (no checkpoints/ folder)"
+            f"TARGET {path} is neither a checkpoint folder (no backbone.json), a run folder (no checkpoints/ folder) "
+            f"nor an exported backbone (no config.json of format vit-ssl)"
         )
     found = [d for d in ckpt_root.iterdir() if _STEP_DIR.match(d.name) and (d / "backbone.json").is_file()]
     if not found:
         raise TargetError(f"run folder {path} has no complete checkpoint (checkpoints/step-*/backbone.json): train longer")
-    return sorted(found, key=_step_of), path
+    return sorted(found, key=step_of), path
 
 
 # --------------------------------------------------------------------------- CLI
@@ -289,65 +362,100 @@ def format_table(rows: list[tuple[int, dict[str, float]]]) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("target", metavar="TARGET", help="a checkpoint folder (with backbone.json) or a run folder")
-    p.add_argument("--knn", action="store_true", help="kNN scores (default: both kNN and linear)")
-    p.add_argument("--linear", action="store_true", help="linear-probe scores (default: both)")
-    p.add_argument("--k", type=int, nargs="+", default=[20], help="kNN neighbour counts (default 20)")
-    p.add_argument("--train-samples", type=int, default=None, help="score on a fixed subset of N train images")
+    p.add_argument("target", metavar="TARGET", help="a checkpoint folder, a run folder (every checkpoint) or an exported backbone")
+    p.add_argument("--knn", action="store_true", help="kNN scores (with none of --knn/--linear/--finetune: kNN and linear)")
+    p.add_argument("--linear", action="store_true", help="linear-probe scores")
+    p.add_argument("--finetune", action="store_true", help="fine-tune end to end (python -m eval.finetune) and score")
+    p.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS), help="kNN neighbour counts (default 10 20 100 200)")
+    p.add_argument("--train-shards", default=None, help="labelled train shards (folder, pattern or URLs); default: the run's, else built-in")
+    p.add_argument("--test-shards", default=None, help="labelled test shards; default: the run's, else built-in")
+    p.add_argument("--train-samples", type=int, default=None, help="score on a fixed seeded subset of N train images")
+    p.add_argument("--finetune-epochs", type=int, default=None, help="epochs of --finetune (default: eval.finetune's)")
     p.add_argument("--fashion-mnist-dir", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--runs-root", default="runs", help="MLflow store when TARGET has no run.json (default: runs)")
-    p.add_argument("--device", default="cpu", help="device for the feature pass (default: cpu)")
+    p.add_argument("--eval-run", action="store_true",
+                   help="log into a new evaluation run linked to the pretraining run (tag mlflow.parentRunId), not into it")
+    p.add_argument("--device", default=None, help="device for the feature pass (default: this process's accelerator, else cpu)")
     return p
 
 
 def _mlflow_run(run_dir: Path | None, target: Path, args: argparse.Namespace) -> tuple[str, str, bool]:
-    """(run id, tracking uri, whether we created it): the pretraining run named in run.json, else a new eval run."""
-    from mlflow.exceptions import MlflowException
-
-    info = tracking.read_run_json(run_dir)
-    if info.get("mlflow_run_id"):
-        run_id, uri = info["mlflow_run_id"], info.get("tracking_uri") or tracking.tracking_uri(args.runs_root)
-        try:
-            tracking.client(uri).get_run(run_id)
-        except MlflowException as exn:
-            raise ValueError(
-                f"{run_dir / tracking.RUN_JSON} names MLflow run {run_id} in {uri}, which cannot be read "
-                f"({exn.message}): fix tracking_uri there, or delete run.json to log into a new '{EVAL_EXPERIMENT}' run"
-            ) from exn
-        return run_id, uri, False
-    resolved = str(target.resolve())
-    run_id, uri = tracking.start_run(EVAL_EXPERIMENT, args.runs_root, run_name=f"eval-{target.name}", tags={"target": resolved})
-    tracking.log_params(run_id, {"target": resolved, "ks": args.k, "train_samples": args.train_samples}, uri)
-    return run_id, uri, True
+    """(run id, tracking uri, whether we created it): the pretraining run named in run.json, else (or
+    with --eval-run) a new run of experiment vit-ssl-eval, linked to the pretraining run when known."""
+    run_id, uri, created = tracking.evaluation_run(run_dir, target, args.runs_root, EVAL_EXPERIMENT,
+                                                   f"eval-{target.name}", new_run=args.eval_run)
+    if created:
+        tracking.log_params(run_id, {"target": str(target.resolve()), "ks": args.k, "train_samples": args.train_samples,
+                                     "train_shards": args.train_shards, "test_shards": args.test_shards}, uri)
+    return run_id, uri, created
 
 
-def _score_all(checkpoints: list[Path], run_id: str, uri: str, args: argparse.Namespace) -> list[tuple[int, dict[str, float]]]:
-    """Score each checkpoint, logging its scores at its step as soon as they are known."""
-    knn, linear = (args.knn, args.linear) if (args.knn or args.linear) else (True, True)
+def _score_all(checkpoints: list[Path], run_id: str | None, uri: str | None, args: argparse.Namespace,
+               device: torch.device) -> list[tuple[int, dict[str, float]]]:
+    """Score each checkpoint (all processes), logging its scores at its step as soon as they are known (rank 0)."""
+    chosen = args.knn or args.linear or args.finetune
+    knn, linear = (args.knn, args.linear) if chosen else (True, True)
+    shards = {"train": args.train_shards, "test": args.test_shards}
+    main = process_group()[0] == 0
     rows: list[tuple[int, dict[str, float]]] = []
     for ckpt in checkpoints:
-        step = _step_of(ckpt, backbones.load_meta(ckpt))
-        print(f"scoring {ckpt} (step {step})", file=sys.stderr, flush=True)
-        scores = score_checkpoint(
-            ckpt, knn=knn, linear=linear, ks=args.k, train_samples=args.train_samples,
-            fashion_mnist_dir=args.fashion_mnist_dir, device=args.device,
-        )
-        tracking.log_metrics(run_id, scores, step, uri)
+        step = step_of(ckpt, backbones.load_meta(ckpt))
+        if main:
+            print(f"scoring {ckpt} (step {step})", file=sys.stderr, flush=True)
+        scores: dict[str, float] = {}
+        if knn or linear:
+            scores.update(score_checkpoint(
+                ckpt, knn=knn, linear=linear, ks=args.k, train_samples=args.train_samples,
+                fashion_mnist_dir=args.fashion_mnist_dir, device=device, shards=shards, distributed=True,
+            ))
+        if args.finetune:
+            scores.update(_finetune(ckpt, args))
+        if main:
+            tracking.log_metrics(run_id, scores, step, uri)
         rows.append((step, scores))
     return rows
 
 
+def _finetune(ckpt: Path, args: argparse.Namespace) -> dict[str, float]:
+    """finetune/top1 and finetune/top5 of `ckpt` (eval.finetune; its own MLflow logging off: we log here)."""
+    from .finetune import finetune
+
+    kw = {} if args.finetune_epochs is None else {"epochs": args.finetune_epochs}
+    res = finetune(ckpt, train_shards=args.train_shards, test_shards=args.test_shards, train_samples=args.train_samples,
+                   mlflow=False, **kw)
+    return {"finetune/top1": res["top1"], "finetune/top5": res["top5"]} if res else {}
+
+
+def _device(name: str | None) -> torch.device:
+    """--device, else this process's accelerator under a launcher (Accelerate's choice), else the CPU;
+    on a CPU, each local process gets its share of the cores (`accelerate launch` sets 1 thread)."""
+    state = launch_state()
+    device = torch.device(name) if name else state.device
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device.type == "cpu" and local > 1:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
+    return device
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    main_rank = True
     try:
+        if args.train_samples is not None and args.train_samples < 1:
+            raise ValueError(f"--train-samples {args.train_samples} must be >= 1 (or left out for the whole train split)")
+        if args.test_shards and not args.train_shards:
+            raise ValueError(f"--test-shards {args.test_shards} was given without --train-shards: pass both "
+                             "(kNN and the linear probe learn from a labelled train split)")
+        device = _device(args.device)
+        main_rank = process_group()[0] == 0
         checkpoints, run_dir = find_checkpoints(args.target)
-        run_id, uri, created = _mlflow_run(run_dir, Path(args.target), args)
+        run_id, uri, created = _mlflow_run(run_dir, Path(args.target), args) if main_rank else (None, None, False)
     except (ValueError, FileNotFoundError) as exn:
         print(f"eval.run: error: {exn}", file=sys.stderr)
         return 2
     status = "FAILED"
     try:
-        rows = _score_all(checkpoints, run_id, uri, args)
+        rows = _score_all(checkpoints, run_id, uri, args, device)
         status = "FINISHED"
     except (ValueError, FileNotFoundError) as exn:
         print(f"eval.run: error: {exn}", file=sys.stderr)
@@ -355,8 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if created:
             tracking.end_run(run_id, uri, status)
-    print(format_table(rows))
-    print(f"MLflow run {run_id} ({uri})")
+    if main_rank:
+        print(format_table(rows))
+        print(f"MLflow run {run_id} ({uri})")
     return 0
 
 

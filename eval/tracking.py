@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 ENV_URI = "MLFLOW_TRACKING_URI"
+PRETRAIN_EXPERIMENT = "vit-ssl"  # pretraining runs (pretrain.tracking.RunLog)
+EVAL_EXPERIMENT = "vit-ssl-eval"  # evaluation runs not logged into their pretraining run
+PARENT_TAG = "mlflow.parentRunId"  # links an evaluation run to its pretraining run (the UI nests it)
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 _SERVER_SCHEMES = ("http", "https", "databricks", "databricks-uc")
@@ -141,6 +144,46 @@ def read_run_json(run_dir: str | os.PathLike | None) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exn:
         raise ValueError(f"{path} is not valid JSON ({exn}): fix or delete it") from exn
+
+
+def pretraining_run(run_dir: str | os.PathLike | None) -> tuple[str, str] | None:
+    """(run id, tracking uri) of the pretraining run named in RUN_DIR/run.json, or None when there
+    is no run.json (or it names no run); ValueError, naming the fix, when the named run cannot be read."""
+    from mlflow.exceptions import MlflowException
+
+    info = read_run_json(run_dir)
+    run_id = info.get("mlflow_run_id")
+    if not run_id:
+        return None
+    uri = info.get("tracking_uri") or tracking_uri(Path(run_dir).parent)
+    try:
+        client(uri).get_run(run_id)
+    except MlflowException as exn:
+        raise ValueError(
+            f"{Path(run_dir) / RUN_JSON} names MLflow run {run_id} in {uri}, which cannot be read ({exn.message}): "
+            "fix tracking_uri there, or delete run.json to log into a new evaluation run"
+        ) from exn
+    return run_id, uri
+
+
+def evaluation_run(run_dir: str | os.PathLike | None, target: str | os.PathLike, runs_root: str | os.PathLike,
+                   experiment: str, run_name: str, new_run: bool = False, tags: dict[str, str] | None = None
+                   ) -> tuple[str, str, bool]:
+    """Where an evaluation of `target` logs: (run id, tracking uri, whether it was created here).
+
+    The pretraining run named in RUN_DIR/run.json, unless `new_run`; otherwise (or when there is
+    none) a new run of `experiment`, tagged with the pretraining run as its parent (mlflow.parentRunId)
+    when there is one, and then kept in that run's store. End a created run with end_run()."""
+    parent = pretraining_run(run_dir)
+    if parent is not None and not new_run:
+        return parent[0], parent[1], False
+    tags = {"target": str(Path(target).resolve()), **(tags or {})}
+    if parent is not None:
+        tags[PARENT_TAG] = parent[0]
+        run_id, uri = start_run(experiment, Path(run_dir).parent, run_name=run_name, tags=tags, uri=parent[1])
+    else:
+        run_id, uri = start_run(experiment, runs_root, run_name=run_name, tags=tags)
+    return run_id, uri, True
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

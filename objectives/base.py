@@ -111,6 +111,19 @@ class Objective(nn.Module):
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.unpatchify(x)  # (B, C, ...) the input's shape
 
+    def pictures_of(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """For reconstruction pictures (MAE, SimMIM): {"original", "masked", "reconstruction", "mask"},
+        each shaped like `images`: the masked patches set to 0 (the normalisation's mean colour), the
+        prediction pred (B, N, patch_pixels) pasted into them, and 1 under the masked patches of mask (B, N)."""
+        target = self.patchify(images.float())  # (B, N, patch_pixels)
+        m = mask.unsqueeze(-1).to(target.dtype)  # (B, N, 1)
+        return {
+            "original": images.float(),
+            "masked": self.unpatchify(target * (1 - m)),
+            "reconstruction": self.unpatchify(target * (1 - m) + pred * m),
+            "mask": self.unpatchify(m.expand_as(pred).contiguous()),
+        }
+
     @property
     def views(self) -> list[ViewSpec]:
         """What the data stage must deliver (the device augmentation is built from this)."""

@@ -62,13 +62,17 @@ class MAE(Objective):
         return super().no_weight_decay() | {"mask_token"}
 
     # -- the MAE steps --------------------------------------------------------------------
-    def random_masking(self, batch: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def random_masking(self, batch: int, n: int, device: torch.device,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A fresh random permutation per sample; the first `keep` of it stay visible.
 
         Returns ids_keep (B, keep), mask (B, N) with 1 = masked, ids_restore (B, N) that undoes
-        the shuffle."""
+        the shuffle. `generator` (pictures): the noise drawn from it, on its device."""
         keep = max(1, int(round(n * (1 - self.mask_ratio))))
-        noise = torch.rand(batch, n, device=device)  # (B, N)
+        if generator is None:
+            noise = torch.rand(batch, n, device=device)  # (B, N)
+        else:
+            noise = torch.rand(batch, n, device=generator.device, generator=generator).to(device)
         ids_shuffle = noise.argsort(dim=1)
         ids_restore = ids_shuffle.argsort(dim=1)
         ids_keep = ids_shuffle[:, :keep]
@@ -77,9 +81,10 @@ class MAE(Objective):
         mask = torch.gather(mask, 1, ids_restore)  # back in patch order
         return ids_keep, mask, ids_restore
 
-    def forward_encoder(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_encoder(self, imgs: torch.Tensor,
+                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         bb = self.backbone
-        ids_keep, mask, ids_restore = self.random_masking(imgs.shape[0], bb.num_patches, imgs.device)
+        ids_keep, mask, ids_restore = self.random_masking(imgs.shape[0], bb.num_patches, imgs.device, generator)
         x = bb.embed_patches(bb.hide_masked(imgs, mask))  # (B, N, D); masked pixels hidden where embeddings overlap
         x = gather_tokens(x, ids_keep) + bb.pos_embed_for(ids_keep)  # (B, keep, D)
         latent = bb.forward_tokens(x)  # (B, P+keep, D)
@@ -126,3 +131,19 @@ class MAE(Objective):
             pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
         mask_img = self.unpatchify(mask.unsqueeze(-1).expand_as(pred))
         return self.unpatchify(pred), mask_img
+
+    @torch.no_grad()
+    def reconstruct_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """For pictures: {"original", "masked", "reconstruction", "mask"}, each shaped like `images`
+        (B, C, H, W) (or the backbone's input shape) and in the input's space (the normalised space
+        the model sees). "masked": the masked patches set to 0 (the normalisation's mean colour);
+        "reconstruction": the decoder's prediction pasted into the masked patches, the visible ones
+        original; "mask": 1 under masked patches. With norm_pix_loss the prediction is
+        un-normalised with each original patch's mean and variance (MAE's demo). `generator`
+        draws the mask (a fixed seed gives the same picture every time). Call in eval mode."""
+        latent, mask, ids_restore = self.forward_encoder(images, generator)  # mask (B, N), 1 = masked
+        pred = self.forward_decoder(latent, ids_restore).float()  # (B, N, patch_pixels)
+        target = self.patchify(images.float())  # (B, N, patch_pixels)
+        if self.norm_pix_loss:
+            pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+        return self.pictures_of(images, pred, mask)

@@ -96,11 +96,15 @@ class SimMIM(Objective):
         return super().no_weight_decay() | {"mask_token"}
 
     # -- the SimMIM steps -----------------------------------------------------------------
-    def random_block_mask(self, batch: int, device: torch.device) -> torch.Tensor:
+    def random_block_mask(self, batch: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
         """Each sample masks its own `num_masked` random mask blocks, upsampled to the patch grid.
-        Returns (B, N) float, 1 = masked, in patch order."""
+        Returns (B, N) float, 1 = masked, in patch order. `generator` (pictures): the draw from it."""
         n_blocks, s = math.prod(self.block_grid), self.block_side
-        ranks = torch.rand(batch, n_blocks, device=device).argsort(dim=1).argsort(dim=1)  # (B, blocks)
+        if generator is None:
+            noise = torch.rand(batch, n_blocks, device=device)
+        else:
+            noise = torch.rand(batch, n_blocks, device=generator.device, generator=generator).to(device)
+        ranks = noise.argsort(dim=1).argsort(dim=1)  # (B, blocks)
         blocks = (ranks < self.num_masked).float()  # (B, blocks)
         if len(self.block_grid) != 2:
             return blocks  # (B, N): one token per block
@@ -131,3 +135,14 @@ class SimMIM(Objective):
         mask = self.random_block_mask(imgs.shape[0], imgs.device)
         pred = self.head(self.forward_encoder(imgs, mask)).float()  # (B, N, p*p*C)
         return self.unpatchify(pred), self.unpatchify(mask.unsqueeze(-1).expand_as(pred))
+
+    @torch.no_grad()
+    def reconstruct_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """For pictures: {"original", "masked", "reconstruction", "mask"}, each shaped like `images`
+        and in the input's space (the normalised space the model sees). "masked": the masked
+        patches set to 0 (the normalisation's mean colour); "reconstruction": the head's prediction
+        pasted into the masked patches, the visible ones original; "mask": 1 under masked patches.
+        `generator` draws the mask blocks. Call in eval mode."""
+        mask = self.random_block_mask(images.shape[0], images.device, generator)  # (B, N), 1 = masked
+        pred = self.head(self.forward_encoder(images, mask)).float()  # (B, N, patch_pixels)
+        return self.pictures_of(images, pred, mask)

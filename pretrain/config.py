@@ -72,6 +72,9 @@ class EvalConfig:
     knn: bool = True  # score the final checkpoint (and the random initialisation) with kNN
     knn_k: int = 20
     knn_train_samples: int | None = None  # size of the kNN memory bank; None = the whole train split
+    knn_every: int = 0  # kNN on a fixed subset every N steps while training (metric knn_subset/top1@K); 0 = off
+    knn_every_train_samples: int = 2000  # the subset's memory bank
+    knn_every_test_samples: int = 1000  # the subset's queries
 
 
 @dataclass
@@ -249,6 +252,13 @@ def validate(cfg: Config) -> None:
         _positive("train.stop_at", t.stop_at)
     if cfg.eval.knn_train_samples is not None:
         _positive("eval.knn_train_samples", cfg.eval.knn_train_samples)
+    if cfg.eval.knn_every < 0:
+        raise ConfigError(f"eval.knn_every={cfg.eval.knn_every} must be >= 0 (0 = no kNN while training), e.g. 100")
+    _positive("eval.knn_every_train_samples", cfg.eval.knn_every_train_samples)
+    _positive("eval.knn_every_test_samples", cfg.eval.knn_every_test_samples)
+    if cfg.eval.knn_every and cfg.eval.knn_k > cfg.eval.knn_every_train_samples:
+        raise ConfigError(f"eval.knn_k={cfg.eval.knn_k} exceeds eval.knn_every_train_samples="
+                          f"{cfg.eval.knn_every_train_samples}: raise the subset or lower k")
     if o.clip_grad is not None:
         _positive("optim.clip_grad", o.clip_grad)
     if o.warmup_steps >= t.total_steps:

@@ -13,7 +13,7 @@ from eval import tracking
 
 from .config import Config
 
-EXPERIMENT = "vit-ssl"
+EXPERIMENT = tracking.PRETRAIN_EXPERIMENT
 
 
 class RunLog:

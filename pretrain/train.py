@@ -21,7 +21,7 @@ import backbones
 import objectives
 from data.augment import DeviceAugment
 from data.builtin import builtin_shards
-from data.shards import read_manifest, shard_urls
+from data.shards import find_manifest, shard_urls
 from data.stream import ShardLoader
 
 from . import checkpoint as ckpt_mod
@@ -77,18 +77,7 @@ def train_shards(cfg: Config) -> tuple[list[str], dict | None]:
     else:
         spec = cfg.data.train
     urls = shard_urls(str(spec))
-    return urls, shard_manifest(spec, urls)
-
-
-def shard_manifest(spec, urls: list[str]) -> dict | None:
-    """The manifest of a shard folder, or of the folder holding a pattern's local shards; None when
-    there is none (remote shards): normalisation then needs data.mean / data.std or a default."""
-    for where in (Path(spec), Path(urls[0]).parent):
-        try:
-            return read_manifest(where)
-        except (FileNotFoundError, ValueError, OSError):
-            continue
-    return None
+    return urls, find_manifest(spec)
 
 
 def build_loader(cfg: Config, urls: list[str], manifest: dict | None, objective: objectives.Objective,
@@ -240,8 +229,8 @@ def train(cfg: Config) -> dict[str, Any]:
     scorable = cfg.eval.knn and (cfg.data.train is None or cfg.data.test is not None)
     if latest is None and scorable:
         ckpt0 = ckpt_mod.save_checkpoint(acc, run_dir, 0, model, cfg, loader.state_dict(), meta)
-        scores["random_init"] = score(ckpt0, cfg, tracker) if main else {}
-        acc.wait_for_everyone()
+        scores["random_init"] = score(ckpt0, cfg, tracker, acc.device)
+    monitor = knn_monitor(cfg, meta, acc.device) if cfg.eval.knn_every and scorable else None
 
     # 5. the loop
     data = iter(loader)
@@ -288,13 +277,19 @@ def train(cfg: Config) -> dict[str, Any]:
         bar.update(1)
         if done % cfg.train.ckpt_every == 0 or done == end:
             ckpt_mod.save_checkpoint(acc, run_dir, done, model, cfg, loader.state_dict(), meta)
+        if monitor is not None and done % cfg.eval.knn_every == 0 and done < cfg.train.total_steps:
+            watched = monitor(acc.unwrap_model(model).export_backbone())  # every rank extracts its share
+            if main:
+                tracker.log(watched, done)
+                bar.write(f"[vit-ssl] step {done}: kNN top-1@{cfg.eval.knn_k} on the subset = "
+                          f"{100 * watched[f'knn_subset/top1@{cfg.eval.knn_k}']:.2f} %")
     bar.close()
 
     # 6. score the final checkpoint and say where everything is
     final = ckpt_mod.latest_checkpoint(run_dir)
     finished = end == cfg.train.total_steps
-    if main and finished and scorable:
-        scores["final"] = score(final, cfg, tracker)
+    if finished and scorable:
+        scores["final"] = score(final, cfg, tracker, acc.device)
     acc.wait_for_everyone()
     result = {"run_dir": str(run_dir), "checkpoint": str(final), "scores": scores, "finished": finished,
               "step": end, "objective": acc.unwrap_model(model),
@@ -306,17 +301,28 @@ def train(cfg: Config) -> dict[str, Any]:
     return result
 
 
-def score(ckpt: Path, cfg: Config, tracker: RunLog) -> dict[str, float]:
-    """kNN of one checkpoint on the built-in test split, logged at the checkpoint's step."""
+def score(ckpt: Path, cfg: Config, tracker: RunLog | None, device: torch.device) -> dict[str, float]:
+    """kNN of one checkpoint on the eval data, logged at the checkpoint's step. A collective: every
+    rank extracts its share of the features; the main process (tracker given) scores, logs, prints."""
     from eval.run import score_checkpoint
 
     t = time.time()
-    scores = score_checkpoint(ckpt, knn=True, linear=False, ks=(cfg.eval.knn_k,),
-                              train_samples=cfg.eval.knn_train_samples, fashion_mnist_dir=cfg.data.fashion_mnist_dir)
+    scores = score_checkpoint(ckpt, knn=True, linear=False, ks=(cfg.eval.knn_k,), train_samples=cfg.eval.knn_train_samples,
+                              fashion_mnist_dir=cfg.data.fashion_mnist_dir, device=device, distributed=True)
+    if tracker is None:
+        return {}
     tracker.log(scores, ckpt_mod.checkpoint_step(ckpt))
     print(f"[vit-ssl] {ckpt.name}: kNN top-1@{cfg.eval.knn_k} = {100 * scores[f'knn/top1@{cfg.eval.knn_k}']:.2f} % "
           f"({time.time() - t:.0f} s)", flush=True)
     return scores
+
+
+def knn_monitor(cfg: Config, meta: dict, device: torch.device):
+    """The scorer of eval.knn_every: kNN on a fixed seeded subset, its images read once here."""
+    from eval.run import subset_scorer
+
+    return subset_scorer(meta, cfg.eval.knn_every_train_samples, cfg.eval.knn_every_test_samples, ks=(cfg.eval.knn_k,),
+                         fashion_mnist_dir=cfg.data.fashion_mnist_dir, device=device)
 
 
 def progress_bar(cfg: Config, start: int, main: bool):

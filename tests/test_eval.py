@@ -284,9 +284,9 @@ def test_score_backbone_and_checkpoint_then_cli_logs_to_the_pretraining_run(tmp_
 
     # score_backbone on in-memory data gives the same kNN score as the cached checkpoint path
     train_x, train_y = fashion_mnist("train")
-    from eval.run import _subset
+    from eval.run import subset_indices
 
-    keep = _subset(2000, len(train_y))
+    keep = subset_indices(2000, len(train_y))
     direct = score_backbone(backbones.load(first), PREPROCESS, (train_x[keep], train_y[keep]), fashion_mnist("test"))
     assert direct["knn/top1@20"] == pytest.approx(scores["knn/top1@20"], abs=1e-4)
 
@@ -358,3 +358,55 @@ def test_reservoir_sample_is_uniform_over_a_stream_written_class_by_class():
     assert counts.min() > 150 and counts.max() < 250, counts  # about 200 of every class, not the first 2
     again = ((images[i : i + 256], labels[i : i + 256]) for i in range(0, 10_000, 256))
     assert torch.equal(reservoir_sample(again, 2000, seed=0)[0], x)  # seeded: the same bank every time
+
+
+def test_cli_on_the_users_shards_into_a_linked_eval_run(tmp_path):
+    """--train-shards/--test-shards score on the user's labelled shards; --eval-run logs into a new
+    run of vit-ssl-eval whose parent tag names the pretraining run, at the checkpoint's step."""
+    from data.builtin import FASHION_MNIST_CLASSES
+    from data.shards import write_shards
+
+    (xtr, ytr), (xte, yte) = fashion_mnist("train"), fashion_mnist("test")
+    for name, x, y, n in (("train", xtr, ytr, 400), ("test", xte, yte, 150)):
+        samples = ((f"{name}_{i:05d}", x[i, 0].numpy(), int(y[i])) for i in range(n))
+        write_shards(samples, tmp_path / name, shard_size=200, classes=FASHION_MNIST_CLASSES, prefix=name)
+    run_dir, run_id, uri = make_run(tmp_path, steps=(700,))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    cmd = [sys.executable, "-m", "eval.run", str(run_dir), "--knn", "--linear", "--eval-run",
+           "--train-shards", str(tmp_path / "train"), "--test-shards", str(tmp_path / "test")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header = proc.stdout.splitlines()[0].split()
+    assert header[:5] == ["step", "knn/top1@10", "knn/top5@10", "knn/top1@20", "knn/top5@20"]  # k = 10 20 100 200
+    assert "knn/top1@200" in header and "linear/top5" in header
+    client = tracking.client(uri)
+    children = client.search_runs([client.get_experiment_by_name("vit-ssl-eval").experiment_id])
+    assert len(children) == 1 and children[0].data.tags[tracking.PARENT_TAG] == run_id
+    child = children[0].info.run_id
+    assert child in proc.stdout
+    assert [m.step for m in client.get_metric_history(child, "linear/top1")] == [700]
+    assert client.get_metric_history(run_id, "linear/top1") == []  # not into the pretraining run itself
+    # the same scores as scoring those shards in-process (the cache is keyed by the shard names)
+    ckpt = run_dir / "checkpoints" / "step-000700"
+    want = score_checkpoint(ckpt, ks=(10,), shards={"train": str(tmp_path / "train"), "test": str(tmp_path / "test")})
+    got = client.get_metric_history(child, "knn/top1_k10")[0].value
+    assert got == pytest.approx(want["knn/top1@10"])
+
+    bad = subprocess.run([sys.executable, "-m", "eval.run", str(run_dir), "--test-shards", str(tmp_path / "test")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--train-shards" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_an_exported_backbone_scores_like_its_checkpoint(tmp_path):
+    """TARGET may be an export (python -m pretrain.export): same scores, and its run is the one it came from."""
+    from pretrain.export import export
+
+    fashion_mnist("test")
+    run_dir, _, _ = make_run(tmp_path, steps=(400,))
+    ckpt = run_dir / "checkpoints" / "step-000400"
+    out = tmp_path / "exported"
+    export(ckpt, out)
+    assert find_checkpoints(out) == ([out], run_dir)
+    got = score_checkpoint(out, ks=(20,), train_samples=1000)
+    assert got == score_checkpoint(ckpt, ks=(20,), train_samples=1000)
+    assert (out / "features" / "fmnist-train-1000.safetensors").is_file()  # cached beside the export

@@ -20,7 +20,8 @@ def mlflow_runs(out_dir):
 
 
 def test_tiny_recipe_trains_checkpoints_and_logs_a_knn_score(tmp_path):
-    proc = run_pretrain(*TINY, f"train.out_dir={tmp_path}")
+    watch = ["eval.knn_every=4", "eval.knn_every_train_samples=500", "eval.knn_every_test_samples=200"]
+    proc = run_pretrain(*TINY, f"train.out_dir={tmp_path}", *watch)
     run_dir = only_run_dir(tmp_path)
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == ["step-000000", "step-000005", "step-000010"]  # random init, then every 5 steps
@@ -37,12 +38,16 @@ def test_tiny_recipe_trains_checkpoints_and_logs_a_knn_score(tmp_path):
     knn = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "knn/top1_k20")}
     assert set(knn) == {0, 10} and all(0.1 < v <= 1.0 for v in knn.values())
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6, 8, 10]
+    # the kNN watched on a subset while training: every 4 steps, not at the end (the full score is there)
+    watched = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "knn_subset/top1_k20")}
+    assert set(watched) == {4, 8} and all(0.1 < v <= 1.0 for v in watched.values()), watched
+    assert "step 4: kNN top-1@20 on the subset" in proc.stdout
     assert json.loads((run_dir / "run.json").read_text())["mlflow_run_id"] == run.info.run_id
     for line in ("run directory :", "MLflow run    :", "kNN top-1     :", "at random init"):
         assert line in proc.stdout
 
     # the same command again finds the finished run and trains nothing more
-    again = run_pretrain(*TINY, f"train.out_dir={tmp_path}")
+    again = run_pretrain(*TINY, f"train.out_dir={tmp_path}", *watch)
     assert f"resumed from {run_dir}/checkpoints/step-000010 at step 10" in again.stdout
     assert len(mlflow_runs(tmp_path)[1]) == 1
 
