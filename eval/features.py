@@ -101,6 +101,17 @@ def launch_state():
     return PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
 
 
+def share_cpu_threads(device: torch.device, threads: int | None = None, processes: int | None = None) -> None:
+    """On a CPU, `threads` per process if given, else the cores shared among this machine's processes
+    (LOCAL_WORLD_SIZE under a launcher, else `processes`; neither: left alone). `accelerate launch`
+    sets OMP_NUM_THREADS=1 on a machine without a GPU, which halves a 2-core CPU's speed."""
+    if torch.device(device).type != "cpu":
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", processes or 0))
+    if threads or local:
+        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // local))
+
+
 def process_group() -> tuple[int, int]:
     """(rank, world size) of the running torch.distributed job (Accelerate sets one up), (0, 1) outside one."""
     import torch.distributed as dist

@@ -47,7 +47,7 @@ import backbones
 from backbones.base import Classifier
 
 from . import tracking
-from .features import image_size
+from .features import image_size, share_cpu_threads
 from .run import step_of, subset_indices
 
 EVAL_EXPERIMENT = tracking.EVAL_EXPERIMENT  # runs not inside a pretraining run folder go here
@@ -428,13 +428,6 @@ def _loss_fn(s: Settings, num_classes: int):
     return None, lambda logits, y: F.cross_entropy(logits.float(), y, label_smoothing=s.label_smoothing)
 
 
-def _set_threads(acc: Any) -> None:
-    """Under a launcher on a CPU, give each local process its share of the cores (`accelerate
-    launch` leaves every process one thread)."""
-    if acc.device.type == "cpu" and "LOCAL_WORLD_SIZE" in os.environ:
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["LOCAL_WORLD_SIZE"])))
-
-
 def _train_epoch(model, optimizer, acc, batches, augment, mix, loss_fn, schedule) -> tuple[float, int]:
     """One epoch; `schedule(i)` sets the LRs before step i of the epoch. Returns (mean loss, steps)."""
     model.train()
@@ -524,7 +517,7 @@ def finetune(
     data.size = image_size(preprocess)
 
     acc = accelerator or make_accelerator()
-    _set_threads(acc)
+    share_cpu_threads(acc.device)
     rank, world = acc.process_index, acc.num_processes
     per_epoch = steps_per_epoch(data, s.batch_size, world, s.train_samples)
     total, warmup = per_epoch * s.epochs, round(s.warmup_epochs * per_epoch)

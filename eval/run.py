@@ -32,7 +32,7 @@ import backbones
 from backbones.base import is_backbone_folder
 
 from . import tracking
-from .features import cached_features, default_batch_size, extract_features, image_size, launch_state, process_group
+from .features import cached_features, default_batch_size, extract_features, image_size, launch_state, process_group, share_cpu_threads
 from .knn import knn_accuracy
 from .linear import linear_probe
 
@@ -428,12 +428,10 @@ def _finetune(ckpt: Path, args: argparse.Namespace) -> dict[str, float]:
 
 def _device(name: str | None) -> torch.device:
     """--device, else this process's accelerator under a launcher (Accelerate's choice), else the CPU;
-    on a CPU, each local process gets its share of the cores (`accelerate launch` sets 1 thread)."""
+    on a CPU, each local process gets its share of the cores."""
     state = launch_state()
     device = torch.device(name) if name else state.device
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if device.type == "cpu" and local > 1:
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
+    share_cpu_threads(device)
     return device
 
 

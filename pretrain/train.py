@@ -160,12 +160,10 @@ def clip_gradients(acc: Accelerator, model: torch.nn.Module, max_norm: float, pe
 
 
 def set_cpu_threads(acc: Accelerator, cfg: Config) -> None:
-    """`accelerate launch` sets OMP_NUM_THREADS=1 on a machine without a GPU, which halves a
-    2-core CPU's speed: give each local process its share of the cores instead."""
-    if acc.device.type != "cpu":
-        return
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
-    torch.set_num_threads(cfg.train.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
+    """train.cpu_threads, else each local process its share of the cores (see share_cpu_threads)."""
+    from eval.features import share_cpu_threads
+
+    share_cpu_threads(acc.device, cfg.train.cpu_threads, acc.num_processes)
 
 
 def train(cfg: Config) -> dict[str, Any]:
