@@ -219,6 +219,44 @@ def _bind(name: str, builder: Callable, kwargs: dict[str, Any]) -> dict[str, Any
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in bound.arguments.items()}
 
 
+# Options that are sizes or counts, by how their names end: 0 builds a model with no width, no
+# layers or no input (it trains on nothing, or fails deep inside torch), so it is refused here for
+# every family. A negative number is refused for every numeric option.
+_SIZE_SUFFIXES = ("dim", "dims", "depth", "depths", "heads", "head_dim", "dim_head", "dim_key", "dim_value",
+                  "patch_size", "patch_sizes", "image_size", "in_chans", "mlp_ratio", "mlp_ratios", "mlp_dim",
+                  "seq_len", "frames", "window_size", "windows", "channels", "expansion", "ff_mult", "kernel_size",
+                  "unfold_size", "dim_conv_stem", "reduction_factor", "global_k")
+_MAY_BE_ZERO = ("cross_depth",)  # CrossViT: stages without cross-attention
+
+
+def _numbers(value: Any) -> list[float]:
+    """The numbers in an option's value: itself, or the entries of a list / tuple (None entries skipped)."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _numbers(v)]
+    return []
+
+
+def _check_sizes(name: str, resolved: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Refuse a size or count <= 0 and any negative number, naming the option, its value and an example."""
+    for key, value in resolved.items():
+        numbers = _numbers(value)
+        size = key.endswith(_SIZE_SUFFIXES) and key not in _MAY_BE_ZERO
+        bad = [n for n in numbers if n < 0 or (size and n == 0)]
+        if not bad:
+            continue
+        example = _EXAMPLES.get(name, {}).get(key, defaults.get(key))
+        hint = f", e.g. {key}={example!r}" if example is not None else ""
+        if isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}={list(value)!r}: every entry must be {'>= 1' if size else '>= 0'}{hint}")
+        integer = isinstance(value, int) and not isinstance(example, float)
+        kind = ("an integer >= 1" if integer else "> 0") if size else ">= 0"
+        raise ValueError(f"{key}={value!r} must be {kind}{hint}")
+
+
 def create(name: str, **kwargs: Any) -> Backbone:
     """Build a registered backbone: `create("vit", size="small", image_size=224)`; any timm model
     as `create("timm:NAME", **timm_kwargs)` (pretrained=False; `weights=FILE` for local weights)."""
@@ -231,6 +269,8 @@ def create(name: str, **kwargs: Any) -> Backbone:
                          "or timm:NAME for any timm model")
     builder = _REGISTRY[name]
     resolved = _bind(name, builder, kwargs)
+    defaults = {k: p.default for k, p in inspect.signature(builder).parameters.items() if p.default is not p.empty}
+    _check_sizes(name, {k: v for k, v in resolved.items() if k in kwargs}, defaults)
     model = builder(**resolved)
     model.build_config = {"name": name, "kwargs": resolved}
     return model
@@ -248,13 +288,15 @@ def build_config(model: Backbone) -> dict[str, Any]:
 WEIGHTS, META = "backbone.safetensors", "backbone.json"
 
 
-def save(model: Backbone, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write `backbone.safetensors` + `backbone.json` (registry name, resolved kwargs, `extra`)."""
+def save(model: Backbone, directory: str | Path, extra: dict[str, Any] | None = None,
+         state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `backbone.safetensors` + `backbone.json` (registry name, resolved kwargs, `extra`).
+    `state` replaces model.state_dict() where the module holds shards only (FSDP)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (model.state_dict() if state is None else state).items()}
     save_file(state, str(directory / WEIGHTS))
     meta = {**build_config(model), **(extra or {})}
     (directory / META).write_text(json.dumps(meta, indent=2))
@@ -265,12 +307,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from a user's file: .safetensors, or a torch file read with weights_only=True (so
     nothing in it is executed), unwrapped from DeiT's {"model": ...} or Lightning's
     {"state_dict": ...}."""
-    path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    import pickle
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if str(path).endswith(".safetensors"):
+        return read_safetensors(Path(path))
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist: give the path of a .safetensors, .pt or .pth file")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} was refused unread: it holds objects other than tensors and plain values "
+                         f"({_first_line(e)}), which could run code if unpickled; convert the weights to "
+                         "safetensors where they were made (safetensors.torch.save_file(model.state_dict(), ...))") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:  # truncated zip, not a torch file at all
+        raise ValueError(f"{path} is not a readable torch weights file ({_first_line(e)}): give a .safetensors, .pt "
+                         "or .pth file of weights (a state dict)") from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -359,19 +410,57 @@ def load_meta(path: str | Path) -> dict[str, Any]:
     return _export_meta(meta, file) if file.name == EXPORT_CONFIG else meta
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _not_safetensors(file: Path, e: BaseException) -> ValueError:
+    return ValueError(f"{file} is truncated or not a safetensors file ({_first_line(e)}); weights are only read from "
+                      "safetensors, never unpickled: use another checkpoint of the run (an earlier step) or "
+                      "re-export the backbone with python -m pretrain.export")
+
+
 def read_safetensors(file: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file; anything else (a pickle renamed .safetensors) is refused
-    unread, never unpickled."""
+    """Tensors of a safetensors file; anything else (a truncated file, a pickle renamed
+    .safetensors) is refused unread, never unpickled."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    file = Path(file)
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing: the folder holds a config but no weights; re-export or re-save it")
     try:
         return load_file(str(file), device=str(map_location))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{file} is not a safetensors file ({e}); weights are only read from safetensors, never "
-                         "unpickled: re-export the backbone with python -m pretrain.export") from None
+        raise _not_safetensors(file, e) from None
+
+
+def weights_files(path: str | Path) -> list[Path]:
+    """The safetensors files `load` / `load_classifier` read from a backbone folder (weights, and
+    the head when there is one)."""
+    directory = Path(path)
+    kind = _folder_kind(directory)
+    files = [directory / (WEIGHTS if kind == "checkpoint" else EXPORT_WEIGHTS)]
+    return files + ([directory / HEAD] if (directory / HEAD).is_file() else [])
+
+
+def verify_weights(path: str | Path) -> None:
+    """Check, without reading the tensors, that a backbone folder's metadata parses and its weights
+    files are complete safetensors files (header and sizes): for commands that should refuse a
+    truncated or foreign checkpoint before doing any work. Raises ValueError / FileNotFoundError
+    naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    load_meta(path)
+    for file in weights_files(path):
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing: the folder holds a config but no weights; re-export or re-save it")
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise _not_safetensors(file, e) from None
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> Backbone:
@@ -379,6 +468,12 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Backbone
     ignored): a checkpoint / backbones.save() folder, or an export folder of either format (a timm
     one comes back as a `timm:ARCHITECTURE` backbone)."""
     path = Path(path)
+    if path.is_file() and path.name not in (WEIGHTS, META, EXPORT_WEIGHTS, EXPORT_CONFIG):
+        raise ValueError(
+            f"{path} is a file; backbones.load reads a folder (a checkpoint, a backbones.save() folder or an export). "
+            f"For a weights file: model = backbones.create(NAME, ...); model.load_state_dict(backbones.read_state_dict"
+            f"({str(path)!r})) (tensors only, nothing unpickled), then backbones.save(model, DIR)"
+        )
     directory = path if path.is_dir() else path.parent
     kind = _folder_kind(directory)
     meta = load_meta(directory)
@@ -422,14 +517,18 @@ class Classifier(nn.Module):
         return (cls_logits + self.head_dist(self.backbone.distill_embedding(tokens))) / 2  # (B, K)
 
 
-def save_head(head: nn.Linear, directory: str | Path, head_dist: nn.Linear | None = None) -> Path:
+def save_head(head: dict[str, torch.Tensor] | nn.Linear, directory: str | Path,
+              head_dist: dict[str, torch.Tensor] | nn.Linear | None = None) -> Path:
     """Write a linear classifier head (and a DeiT distillation head, keys `dist.*`) beside a saved
-    backbone: `head.safetensors`."""
+    backbone: `head.safetensors`. Each head is a module or its state dict."""
     from safetensors.torch import save_file
 
-    state = dict(head.state_dict())
+    def weights(h):
+        return h.state_dict() if isinstance(h, nn.Module) else h
+
+    state = dict(weights(head))
     if head_dist is not None:
-        state.update({f"dist.{k}": v for k, v in head_dist.state_dict().items()})
+        state.update({f"dist.{k}": v for k, v in weights(head_dist).items()})
     path = Path(directory) / HEAD
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
     return path

@@ -51,7 +51,8 @@ _IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 
 
 class DatasetNotFoundError(FileNotFoundError):
-    """The built-in dataset's files are not where we looked; the message says how to get them."""
+    """A data set's files are not where the settings point (the built-in dataset's IDX files, or
+    shards: data.shards.ShardsNotFoundError); the message says where we looked and how to fix it."""
 
 
 def _stems() -> list[str]:
@@ -80,8 +81,8 @@ def fashion_mnist_root(root: str | os.PathLike | None = None) -> Path:
         raise DatasetNotFoundError(
             f"Fashion-MNIST not found in {directory}: missing "
             f"{', '.join(s + '[.gz]' for s in missing)}. Fix: `sudo apt-get install "
-            f"dataset-fashion-mnist` (or run ./setup.sh), or point "
-            f"VIT_SSL_FASHION_MNIST=/path/to/dir (or --fashion-mnist-dir /path/to/dir) at a folder "
+            f"dataset-fashion-mnist` (or run ./setup.sh), or point data.fashion_mnist_dir=/path/to/dir "
+            f"(--fashion-mnist-dir /path/to/dir for eval, or VIT_SSL_FASHION_MNIST) at a folder "
             f"holding the four IDX files ({', '.join(s + '.gz' for s in _stems())}; "
             f"uncompressed files without .gz work too)."
         )
@@ -228,8 +229,10 @@ def builtin_shards(
     if shard_size != DEFAULT_SHARD_SIZE:
         base = base / f"shard-size-{shard_size}"
     out = {split: base / split for split in SPLITS}
-    if not all(_is_complete(directory) for directory in out.values()):
-        fashion_mnist_root(root)  # fail before any work when the source files are missing
+    if root is not None or not all(_is_complete(directory) for directory in out.values()):
+        # fail before any work when the source files are missing; a folder the user named must hold
+        # them even when the shards are cached, or a wrong path would go unnoticed until scoring
+        fashion_mnist_root(root)
     for split, directory in out.items():
         if not _is_complete(directory):
             log.info("converting Fashion-MNIST %s to shards in %s (once)", split, directory)

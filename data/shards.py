@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from data.builtin import DatasetNotFoundError
 from data.sources import (
     BUILTIN,
     IMAGE_SUFFIXES,
@@ -730,7 +731,7 @@ def _expand_spec(spec: str | os.PathLike) -> list[str]:
         expanded = _brace_expand(str(path))
         missing = [p for p in expanded if not Path(p).is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise ShardsNotFoundError(
                 f"shard pattern {text!r}: {len(missing)} of {len(expanded)} files do not exist "
                 f"(first: {missing[0]}); check the pattern's range and folder"
             )
@@ -738,6 +739,23 @@ def _expand_spec(spec: str | os.PathLike) -> list[str]:
     if any(ch in text for ch in "*?["):
         return sorted(glob.glob(str(path)))
     return []
+
+
+class ShardsNotFoundError(DatasetNotFoundError):
+    """A shard spec (data.train, data.test, --train-shards, ...) matches no shard file. A
+    DatasetNotFoundError, so the commands report it as one line with exit status 2."""
+
+
+def _why_nothing(text: str) -> str:
+    """How a local spec came to match nothing: no such path, an empty folder, or a glob without a hit."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return "is a folder with no *.tar and no manifest.json"
+    if any(ch in text for ch in "*?["):
+        return "is a pattern that matches no file"
+    if not path.exists():
+        return "does not exist"
+    return "matches no shards"
 
 
 def shard_urls(spec: Any) -> list[str]:
@@ -753,8 +771,8 @@ def shard_urls(spec: Any) -> list[str]:
     for one in specs:
         found = _expand_spec(one)
         if not found:
-            raise FileNotFoundError(
-                f"shard spec {os.fspath(one)!r} matches no shards: pass a folder holding *.tar (or a "
+            raise ShardsNotFoundError(
+                f"shard spec {os.fspath(one)!r} {_why_nothing(os.fspath(one))}: pass a folder holding *.tar (or a "
                 "manifest.json), a .tar file, a brace pattern like train-{000000..000009}.tar, or a URL "
                 "(pipe:..., http(s)://..., s3://...); build shards with `python -m data.shards write SRC OUT`"
             )

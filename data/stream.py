@@ -21,7 +21,7 @@ webdataset 1.0.2 does not know), ``gs://`` (gsutil) and webdataset's other schem
 behind a scheme is a template with ``{url}``: override it with ``url_commands={"s3": "..."}`` or
 the environment variable ``VIT_SSL_S3_COMMAND`` (``VIT_SSL_<SCHEME>_COMMAND`` in general). A
 shard whose command fails is skipped and counted like a corrupt sample; the message names the
-URL, the command, its exit status and the end of its stderr.
+URL, the command, its exit status and the end of its stderr, credentials in them masked (data.redact).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import os
 import random
 import re
 import shlex
+import signal
 import struct
 import subprocess
 import tarfile
@@ -50,6 +51,7 @@ from einops import rearrange
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.redact import redact
 from data.shards import shard_urls
 
 log = logging.getLogger(__name__)
@@ -185,7 +187,7 @@ def _check_schemes(urls: list[str], commands: Mapping[str, str]) -> None:
         scheme = url_scheme(url)
         if scheme is not None and scheme not in known:
             raise ValueError(
-                f"shard URL {url!r}: no reader for {scheme}://; known schemes: {', '.join(sorted(known))}. "
+                f"shard URL {redact(url)!r}: no reader for {scheme}://; known schemes: {', '.join(sorted(known))}. "
                 f"Give the command that streams it with ShardLoader(url_commands={{'{scheme}': 'CMD {{url}}'}}) "
                 f"or VIT_SSL_{scheme.upper()}_COMMAND, or write the URL as pipe:CMD"
             )
@@ -208,7 +210,7 @@ class _CommandSource:
         except OSError as exn:  # the program is not installed
             self.stderr.close()
             raise OSError(
-                f"cannot run `{self.command}` for {url}: {exn}; install it, or set the command for this "
+                f"cannot run `{redact(self.command)}` for {redact(url)}: {exn}; install it, or set the command for this "
                 f"scheme with ShardLoader(url_commands=...) or VIT_SSL_<SCHEME>_COMMAND"
             ) from None
 
@@ -251,7 +253,7 @@ class _CommandSource:
         self._close()
         if status == 0:
             return None
-        return f"`{self.command}` exited with status {status}" + (f": {said}" if said else " (no stderr)")
+        return redact(f"`{self.command}` exited with status {status}" + (f": {said}" if said else " (no stderr)"))
 
     def _close(self) -> None:
         self.proc.stdout.close()
@@ -673,6 +675,11 @@ class _EpochStream(IterableDataset):
 
 def _init_worker(worker_id: int) -> None:
     torch.set_num_threads(1)  # one core per worker; the trainer owns the rest
+    # A SIGTERM / SIGUSR1 to the whole process group (a scheduler's preemption) is the trainer's to
+    # handle: it finishes its step and checkpoints while the workers keep serving; they end when the
+    # trainer shuts the loader down or exits (PyTorch's workers watch their parent).
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _identity(piece: _Piece) -> _Piece:
@@ -898,7 +905,7 @@ class ShardLoader:
 
     def _shard_report(self, most: int = 10) -> str:
         """'shards involved: URL (n bad: first reason), ...' for the worst ``most`` shards."""
-        parts = [f"{url} ({n} bad: {self._errors.get(url, '?')[:300]})" for url, n in self._bad_shards.most_common(most)]
+        parts = [redact(f"{url} ({n} bad: {self._errors.get(url, '?')[:300]})") for url, n in self._bad_shards.most_common(most)]
         more = len(self._bad_shards) - most
         return "shards involved: " + "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 

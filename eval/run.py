@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import backbones
-from backbones.base import is_backbone_folder
+from backbones.base import is_backbone_folder, verify_weights
 
 from . import tracking
 from .features import cached_features, default_batch_size, extract_features, image_size, launch_state, process_group, share_cpu_threads
@@ -334,6 +334,12 @@ def find_checkpoints(target: str | os.PathLike) -> tuple[list[Path], Path | None
         run_dir = _run_of(Path(source)) if source else None
         return [path], (run_dir if run_dir is not None and run_dir.is_dir() else None)
     ckpt_root = path / "checkpoints"
+    if path.is_file():
+        raise TargetError(
+            f"TARGET {path} is a file, not a folder: pass a checkpoint folder (backbone.json + backbone.safetensors), "
+            "a run folder or an exported backbone (python -m pretrain.export); weights files (.pt, .pth, .npz) are never "
+            "unpickled: load them into backbones.create(...) with backbones.read_state_dict and save the model with "
+            "backbones.save(model, DIR, extra={'preprocess': ...})")
     if not path.is_dir():
         raise TargetError(f"TARGET {path} does not exist: pass a checkpoint folder (with backbone.json), a run folder "
                           "or an exported backbone (python -m pretrain.export)")
@@ -447,6 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = _device(args.device)
         main_rank = process_group()[0] == 0
         checkpoints, run_dir = find_checkpoints(args.target)
+        for ckpt in checkpoints:  # a truncated or foreign checkpoint is refused before any run is logged
+            verify_weights(ckpt)
+            _preprocess(backbones.load_meta(ckpt), ckpt)
         run_id, uri, created = _mlflow_run(run_dir, Path(args.target), args) if main_rank else (None, None, False)
     except (ValueError, FileNotFoundError) as exn:
         print(f"eval.run: error: {exn}", file=sys.stderr)
@@ -463,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tracking.end_run(run_id, uri, status)
     if main_rank:
         print(format_table(rows))
-        print(f"MLflow run {run_id} ({uri})")
+        print(f"MLflow run {run_id} ({tracking.redact(uri)})")
     return 0
 
 

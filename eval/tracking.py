@@ -7,6 +7,10 @@ into each other's runs. `import mlflow` takes seconds, so it happens inside the 
 Metric names: MLflow accepts only letters, digits, '_', '-', '.', ' ', ':' and '/' in a metric
 name, so '@' in our score names (kNN's 'knn/top1@20') is written as '_k' ('knn/top1_k20') when
 logged; `mlflow_metric_name` is the one place that maps a score name to its MLflow name.
+
+Params never hold secrets: `log_params` passes every value through `redact` (data.redact), which
+masks credentials in shard URLs and commands (user:password@, ?token=, X-Amz-Signature=,
+Authorization headers) and leaves plain paths as they are.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
+
+from data.redact import redact
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -33,9 +39,11 @@ _INVALID = re.compile(r"[^/\w.\- :]")
 
 def tracking_uri(runs_root: str | os.PathLike) -> str:
     """$MLFLOW_TRACKING_URI if set, else a sqlite store at <abs runs_root>/mlflow.db (folder created)."""
-    env = os.environ.get(ENV_URI)
-    if env:
-        return env
+    return os.environ.get(ENV_URI) or local_uri(runs_root)
+
+
+def local_uri(runs_root: str | os.PathLike) -> str:
+    """The sqlite store at <abs runs_root>/mlflow.db (folder created)."""
     root = Path(runs_root).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / DB_NAME}"
@@ -160,7 +168,7 @@ def pretraining_run(run_dir: str | os.PathLike | None) -> tuple[str, str] | None
         client(uri).get_run(run_id)
     except MlflowException as exn:
         raise ValueError(
-            f"{Path(run_dir) / RUN_JSON} names MLflow run {run_id} in {uri}, which cannot be read ({exn.message}): "
+            f"{Path(run_dir) / RUN_JSON} names MLflow run {run_id} in {redact(uri)}, which cannot be read ({exn.message}): "
             "fix tracking_uri there, or delete run.json to log into a new evaluation run"
         ) from exn
     return run_id, uri
@@ -199,9 +207,12 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def log_params(run_id: str, params: dict[str, Any], uri: str) -> None:
-    """Log a (possibly nested) dict as params; values are stringified and cut to MLflow's 6,000 characters."""
+    """Log a (possibly nested) dict as params; values are stringified, credentials in them (tokens
+    and passwords in shard URLs and pipe: commands) masked by `redact`, and cut to MLflow's 6,000
+    characters. A param is visible to everyone who can read the tracking server, and cannot be
+    deleted from a run."""
     from mlflow.entities import Param
 
-    items = [Param(mlflow_metric_name(k), str(v)[:6000]) for k, v in flatten(params).items()]
+    items = [Param(mlflow_metric_name(k), redact(str(v))[:6000]) for k, v in flatten(params).items()]
     for i in range(0, len(items), 100):  # MLflow's limit per log_batch call
         client(uri).log_batch(run_id, params=items[i : i + 100])

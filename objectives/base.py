@@ -148,6 +148,10 @@ class Objective(nn.Module):
     def on_step(self, step: int, total_steps: int) -> None:
         """Called after every optimizer step; schedules are pure functions of the global step."""
 
+    def skip_step(self, step: int, total_steps: int) -> None:
+        """Called instead of on_step when the trainer skipped optimizer step `step` (a non-finite loss
+        or gradient): drop what the forward passes collected for on_step, move no weights."""
+
     def export_backbone(self) -> Backbone:
         """The weights a user takes away."""
         return self.backbone

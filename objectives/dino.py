@@ -341,6 +341,11 @@ class DINO(Objective):
             self._center_sum, self._center_count = None, 0
         self.step.fill_(step)
 
+    def skip_step(self, step: int, total_steps: int) -> None:
+        """A skipped step: no teacher EMA, no centre update from its (possibly non-finite) outputs."""
+        self._center_sum, self._center_count = None, 0
+        self.step.fill_(step)
+
     def export_backbone(self) -> Backbone:
         """The teacher's backbone: what DINO evaluates and hands over."""
         return self.teacher_backbone

@@ -18,6 +18,21 @@ from data.augment import ViewSpec
 from .base import Objective, register
 
 
+def _check_decoder(dim: int, depth: int, heads: int, mlp_ratio: float, rank: int) -> None:
+    """The decoder's sizes, named as the objective's options (the shared blocks would say dim / heads)."""
+    for name, value in (("decoder_dim", dim), ("decoder_depth", depth), ("decoder_heads", heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1 (MAE's small decoder: 512 wide, 8 deep, 16 heads)")
+    if dim % heads:
+        raise ValueError(f"decoder_heads={heads} must divide decoder_dim={dim}: pick decoder_heads from the divisors of "
+                         f"{dim}, e.g. {max(h for h in range(1, min(dim, 16) + 1) if dim % h == 0)}")
+    if dim < 2 * rank:
+        raise ValueError(f"decoder_dim={dim} is too small for the decoder's {rank}-D sin-cos positions: use "
+                         f"decoder_dim >= {2 * rank}, e.g. 128")
+    if not mlp_ratio > 0:
+        raise ValueError(f"decoder_mlp_ratio={mlp_ratio} must be > 0, e.g. 4.0")
+
+
 @register("mae")
 class MAE(Objective):
     requires = ("supports_token_drop",)
@@ -38,6 +53,11 @@ class MAE(Objective):
         super().__init__(backbone)
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio={mask_ratio} must be strictly between 0 and 1 (MAE uses 0.75)")
+        n = backbone.num_patches
+        if max(1, int(round(n * (1 - mask_ratio)))) >= n:  # the number kept visible, as random_masking draws it
+            raise ValueError(f"mask_ratio={mask_ratio} masks none of the {n} patches, so there is nothing to reconstruct: "
+                             f"raise it to at least {1 / n:.3g} (MAE uses 0.75)")
+        _check_decoder(decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio, len(backbone.grid_size))
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.crop_scale = tuple(crop_scale)

@@ -12,17 +12,26 @@ RUN_DIR/checkpoints/step-000500/
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-import backbones
 from accelerate.utils import gather_object
+from accelerate.utils.other import load as accelerate_load
+from safetensors import safe_open
+
+import backbones
 
 from . import config as config_mod
 
 STEP_DIR = re.compile(r"step-(\d{6,})")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written or resumed from; the message names the file and the fix."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -52,22 +61,44 @@ def checkpoint_step(path: Path) -> int:
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, objective, cfg, data_position: dict, meta: dict[str, Any]) -> Path:
     """Collective: every process calls it. Ranks write only their own RNG state (inside
-    Accelerate's save_state); the main process writes everything else and does the rename."""
+    Accelerate's save_state); the main process writes everything else, flushes it to disk and does
+    the rename. A write that fails on any rank (a full disk, say) removes the temporary folder and
+    raises CheckpointError on every rank: the previous checkpoint stays the newest."""
     root = Path(run_dir) / "checkpoints"
     tmp, final = root / f".tmp-{checkpoint_name(step)}", root / checkpoint_name(step)
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    if main:
         shutil.rmtree(tmp, ignore_errors=True)  # a stale one from a crash
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "accelerate"))
+    error = None
+    try:
+        accelerator.save_state(str(tmp / "accelerate"))
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        error = f"rank {accelerator.process_index}: {write_error(e, root)}"
     positions = gather_object([data_position])  # one entry per rank, in rank order
-    if accelerator.is_main_process:
-        (tmp / "data_position.json").write_text(json.dumps({"world_size": accelerator.num_processes, "ranks": positions}))
-        config_mod.save(cfg, tmp / "config.yaml")
-        backbones.save(accelerator.unwrap_model(objective).export_backbone(), tmp, extra={**meta, "step": step})
-        heads = accelerator.unwrap_model(objective).export_heads()
-        if heads:  # a classifier: the checkpoint predicts, and can teach a distillation run
-            backbones.save_head(heads["head"], tmp, heads.get("head_dist"))
+    exported = exported_weights(accelerator, objective)  # collective under FSDP
+    if main and error is None:
+        try:
+            (tmp / "data_position.json").write_text(json.dumps({"world_size": accelerator.num_processes, "ranks": positions}))
+            config_mod.save(cfg, tmp / "config.yaml")
+            backbone = accelerator.unwrap_model(objective).export_backbone()
+            backbones.save(backbone, tmp, extra={**meta, "step": step}, state=exported["backbone"])
+            if "head" in exported:  # a classifier: the checkpoint predicts, and can teach a distillation run
+                backbones.save_head(exported["head"], tmp, exported.get("head_dist"))
+        except (OSError, RuntimeError) as e:
+            error = write_error(e, root)
+    errors = [e for e in gather_object([error]) if e]  # every rank learns of any rank's failure
+    if errors:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        raise CheckpointError(
+            f"could not write checkpoint {final} ({errors[0]}): "
+            + (f"{previous.name} is intact and is where a relaunch resumes" if previous else "no earlier checkpoint exists")
+            + "; free space on that disk (or set train.out_dir elsewhere) and relaunch the same command")
+    if main:
+        _flush_to_disk(tmp)
         if final.exists():  # the same step saved again after a resume: replace it only now
             old = root / f".old-{checkpoint_name(step)}"
             final.rename(old)
@@ -75,15 +106,107 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, objective, cfg, data_
             shutil.rmtree(old)
         else:
             tmp.rename(final)
+        _fsync(root)
         for stale in list_checkpoints(run_dir)[: -cfg.train.keep_last]:
             shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     return final
 
 
+def exported_weights(accelerator, objective) -> dict[str, dict]:
+    """The weights of what a checkpoint exports (the backbone, and the classifier heads of objectives
+    that train them), cut out of the objective's full state dict: under FSDP the modules hold shards
+    and Accelerate gathers the full state (a collective); elsewhere it is the modules' own state."""
+    full = accelerator.get_state_dict(objective)
+    inner = accelerator.unwrap_model(objective)
+    names = {id(m): n for n, m in inner.named_modules()}
+
+    def weights_of(module) -> dict:
+        if id(module) not in names:  # built for export (distill's merged head): its own weights
+            return module.state_dict()
+        prefix = names[id(module)] + "."
+        return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+
+    out = {"backbone": weights_of(inner.export_backbone())}
+    out.update({name: weights_of(head) for name, head in inner.export_heads().items() if head is not None})
+    return out
+
+
+def write_error(e: Exception, folder: Path) -> str:
+    """The error of a failed write, with the free space of the disk it was writing to."""
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free on that disk"
+    except OSError:
+        free = "free space unknown"
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}; {free}"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _flush_to_disk(folder: Path) -> None:
+    """fsync every file and folder below `folder`, so the rename publishes data that is on disk
+    (a power cut after it must not leave a complete-looking checkpoint of empty files)."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        _fsync(path)
+    _fsync(folder)
+
+
+def remove_stale(run_dir: Path) -> None:
+    """Temporary folders left by a crash or kill during a checkpoint write. Main process only."""
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and p.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def verify_checkpoint(ckpt: Path, process_index: int) -> None:
+    """Everything a resume reads, checked before it is read for real: each file present, each
+    safetensors file complete, each pickle loadable with weights_only=True (tensors and plain
+    values only: a pickle that would run code is refused unread). CheckpointError names the file."""
+    ckpt = Path(ckpt)
+    state = ckpt / "accelerate"
+    advice = f"move {ckpt} aside to resume from the checkpoint before it, or set train.run_name to start a new run"
+    needed = {"config.yaml": ckpt, "data_position.json": ckpt, f"random_states_{process_index}.pkl": state,
+              "model.safetensors or pytorch_model*.bin": state, "optimizer*.bin": state}
+    for name, folder in needed.items():
+        if not (folder.is_dir() and any(any(folder.glob(pattern)) for pattern in name.split(" or "))):
+            raise CheckpointError(f"checkpoint {ckpt} is incomplete: {name} is missing from {folder}: {advice}")
+    for path in sorted(state.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad file
+            raise CheckpointError(f"checkpoint file {path} is unreadable ({_first_line(e)}): {advice}") from None
+    for path in sorted([*state.glob("*.bin"), *state.glob("*.pkl"), *state.glob("*.pt")]):
+        if path.name.startswith("random_states_") and path.name != f"random_states_{process_index}.pkl":
+            continue
+        try:
+            accelerate_load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f"checkpoint file {path} holds objects other than tensors and plain values and was refused unread "
+                f"({_first_line(e)}); it is not a file this project wrote and may run code if unpickled: {advice}") from None
+        except Exception as e:  # noqa: BLE001 - truncated zip, foreign format
+            raise CheckpointError(f"checkpoint file {path} is unreadable ({_first_line(e)}): {advice}") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
 def load_checkpoint(accelerator, ckpt: Path) -> tuple[int, dict | None]:
     """Restore model, optimizer and RNG states; return (step, this rank's data position or None
     when the checkpoint was written by a different number of processes)."""
+    verify_checkpoint(ckpt, accelerator.process_index)
     accelerator.load_state(str(Path(ckpt) / "accelerate"))
     positions = json.loads((Path(ckpt) / "data_position.json").read_text())
     if positions["world_size"] != accelerator.num_processes:

@@ -55,7 +55,7 @@ class TrainConfig:
     batch_size: int = 64  # per process; global batch = batch_size x processes x grad_accum
     grad_accum: int = 1
     total_steps: int = 1000
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: str | None = None  # no | fp16 | bf16; None = the launcher's (--mixed_precision, its config file), else no
     seed: int = 0
     out_dir: str = "runs"
     run_name: str | None = None  # None = derived from the config, so the same command resumes
@@ -65,6 +65,8 @@ class TrainConfig:
     progress: bool = True
     cpu_threads: int | None = None  # torch threads per process on a CPU; None = the cores shared among local processes
     stop_at: int | None = None  # end this launch after this step, checkpointed (job time limits); relaunch to go on
+    grace_seconds: float = 90.0  # on SIGTERM/SIGUSR1: finish the step, checkpoint and exit (code 75) within this time
+    max_nonfinite_steps: int = 10  # stop (code 3) after this many steps in a row with a non-finite loss or gradient
 
 
 @dataclass
@@ -93,7 +95,8 @@ class Config:
     def digest(self) -> str:
         """A short hash of everything that changes what is trained (not logging or eval)."""
         d = self.to_dict()
-        for k in ("log_every", "ckpt_every", "keep_last", "progress", "run_name", "out_dir", "stop_at", "cpu_threads"):
+        for k in ("log_every", "ckpt_every", "keep_last", "progress", "run_name", "out_dir", "stop_at", "cpu_threads",
+                  "grace_seconds", "max_nonfinite_steps"):
             d["train"].pop(k)
         d.pop("eval")
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
@@ -145,7 +148,7 @@ def _check_type(where: str, value: Any, annotation: Any) -> Any:
         raise errors[0]
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}={value!r} must be a list, e.g. {where}=[0.5,0.5]")
+            raise ConfigError(f"{where}={value!r} must be a list, written [a,b]")
         return [_check_type(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value)] if args else list(value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -154,6 +157,9 @@ def _check_type(where: str, value: Any, annotation: Any) -> Any:
             return float(value)
         except ValueError:
             pass
+    if annotation is str and isinstance(value, bool):
+        raise ConfigError(f"{where}={value!r} must be of type str: YAML reads unquoted no / yes / on / off as booleans, "
+                          f"so quote the value in the recipe, e.g. {where.split('.')[-1]}: 'no'")
     if annotation in (int, float, str, bool) and not (
         isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
     ):
@@ -172,7 +178,31 @@ def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
     if key not in fields:
         raise ConfigError(f"unknown setting {section}.{key}; {section} has: {', '.join(fields)}")
     hints = typing.get_type_hints(type(target))
-    setattr(target, key, _check_type(f"{section}.{key}", value, hints[key]))
+    try:
+        setattr(target, key, _check_type(f"{section}.{key}", value, hints[key]))
+    except ConfigError as e:
+        raise ConfigError(f"{e}{'' if 'e.g.' in str(e) else _example(f'{section}.{key}')}") from None
+
+
+def default_of(where: str) -> Any:
+    """The default of a typed setting ('train.batch_size' -> 64); None for backbone / objective options."""
+    section, _, key = where.partition(".")
+    spec = SECTIONS.get(section)
+    if spec is None or not dataclasses.is_dataclass(spec.default_factory()):
+        return None
+    for f in dataclasses.fields(spec.default_factory()):
+        if f.name == key:
+            return f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return None
+
+
+def _example(where: str) -> str:
+    """', e.g. train.batch_size=64 (the default)' for a setting with a default that is set."""
+    default = default_of(where)
+    if default is None:
+        return ""
+    shown = json.dumps(default) if isinstance(default, (list, bool)) else default
+    return f", e.g. {where}={shown} (the default)"
 
 
 def merge(cfg: Config, tree: dict[str, Any]) -> Config:
@@ -201,9 +231,43 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def _takes_text(section: str, key: str) -> bool:
+    """Whether a typed setting is a string (data.train, train.mixed_precision, ...)."""
+    spec = SECTIONS.get(section)
+    if spec is None or not dataclasses.is_dataclass(spec.default_factory()):
+        return False
+    hint = typing.get_type_hints(type(spec.default_factory())).get(key)
+    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType) and str in typing.get_args(hint))
+
+
+def apply_override(cfg: Config, text: str) -> None:
+    """One section.key=value. A string setting takes the text as written (without surrounding
+    quotes; null, ~ or nothing: None), because YAML would read train.mixed_precision=no as a
+    boolean, a pipe: command with a header ("Authorization: Bearer ...") as a mapping and drop
+    what follows a " #". Other settings take YAML's reading."""
+    section, key, value = parse_override(text)
+    raw = text.split("=", 1)[1]
+    if value is not None and _takes_text(section, key):
+        quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+        value = value if quoted and isinstance(value, str) else raw
+    _apply(cfg, section, key, value)
+
+
+def _check_objective_name(objective: str) -> None:
+    """--objective NAME without a recipe of that name: refuse an objective that does not exist by
+    saying so (rather than "recipe not found"); a registered one goes on to the recipe's message."""
+    from objectives import list_objectives  # here: it imports torch, and only a missing recipe needs it
+
+    if objective not in list_objectives():
+        raise ConfigError(f"--objective {objective!r} is not a registered objective (and recipe={objective!r} not found "
+                          f"either): use one of {', '.join(list_objectives())}, or name a recipe with --recipe NAME_OR_YAML")
+
+
 def build_config(objective: str | None = None, recipe: str | None = None, overrides: list[str] = ()) -> Config:
     """Defaults <- recipe (default: the objective's own recipe) <- key=value overrides."""
     cfg = Config()
+    if recipe is None and objective is not None and objective not in list_recipes():
+        _check_objective_name(objective)
     recipe = recipe or objective or "mae"
     merge(cfg, load_recipe(recipe))
     cfg.recipe = recipe
@@ -215,14 +279,15 @@ def build_config(objective: str | None = None, recipe: str | None = None, overri
             )
         cfg.objective["name"] = objective
     for text in overrides:
-        _apply(cfg, *parse_override(text))
+        apply_override(cfg, text)
     validate(cfg)
     return cfg
 
 
 def _positive(where: str, value: Any, allow_zero: bool = False) -> None:
     if value is None or value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{where}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+        fix = _example(where) or f", or leave {where} unset (null)"
+        raise ConfigError(f"{where}={value!r} must be {'>= 0' if allow_zero else '> 0'}{fix}")
 
 
 def validate(cfg: Config) -> None:
@@ -250,6 +315,8 @@ def validate(cfg: Config) -> None:
         _positive("train.cpu_threads", t.cpu_threads)
     if t.stop_at is not None:
         _positive("train.stop_at", t.stop_at)
+    _positive("train.grace_seconds", t.grace_seconds)
+    _positive("train.max_nonfinite_steps", t.max_nonfinite_steps)
     if cfg.eval.knn_train_samples is not None:
         _positive("eval.knn_train_samples", cfg.eval.knn_train_samples)
     if cfg.eval.knn_every < 0:
@@ -262,21 +329,48 @@ def validate(cfg: Config) -> None:
     if o.clip_grad is not None:
         _positive("optim.clip_grad", o.clip_grad)
     if o.warmup_steps >= t.total_steps:
-        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be below train.total_steps={t.total_steps}")
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be below train.total_steps={t.total_steps}: lower "
+                          f"optim.warmup_steps (e.g. {max(1, t.total_steps // 10) if t.total_steps > 1 else 0}) or raise train.total_steps")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas={o.betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
-    if t.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ConfigError(f"train.mixed_precision={t.mixed_precision!r}: allowed are no, fp16, bf16")
+    if t.mixed_precision not in (None, "no", "fp16", "bf16"):
+        raise ConfigError(f"train.mixed_precision={t.mixed_precision!r}: allowed are no, fp16, bf16 (or null: the launcher's)")
     for section in ("backbone", "objective"):
         if not isinstance(getattr(cfg, section).get("name"), str):
             raise ConfigError(f"{section}.name is missing: set e.g. {section}.name={'vit' if section == 'backbone' else 'mae'}")
     if (cfg.data.mean is None) != (cfg.data.std is None):
         raise ConfigError(f"data.mean={cfg.data.mean} and data.std={cfg.data.std}: set both or neither")
+    _validate_more(cfg)
+
+
+def _validate_more(cfg: Config) -> None:
+    """Values that pass the checks above and still fail later, or silently train something else."""
+    t, o, d, e = cfg.train, cfg.optim, cfg.data, cfg.eval
+    if not 0 <= o.min_lr <= o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}] (where the cosine schedule ends), "
+                          f"e.g. optim.min_lr=0 or {o.lr / 100:g}")
+    if not 0 <= t.seed < 2**31:
+        raise ConfigError(f"train.seed={t.seed} must be in [0, 2**31) (NumPy takes seeds below 2**32, one per "
+                          "process), e.g. train.seed=0")
+    if d.mean is not None and d.std is not None:
+        if len(d.mean) != len(d.std) or not d.mean:
+            raise ConfigError(f"data.mean={d.mean} and data.std={d.std} must have the same length, one value per "
+                              "channel (or one for all), e.g. data.mean=[0.5] data.std=[0.25]")
+        if min(d.std) <= 0:
+            raise ConfigError(f"data.std={d.std} must be > 0 for every channel (pixels are divided by it), "
+                              "e.g. data.std=[0.25]")
+    if e.knn and e.knn_train_samples is not None and e.knn_k > e.knn_train_samples:
+        raise ConfigError(f"eval.knn_k={e.knn_k} exceeds eval.knn_train_samples={e.knn_train_samples}, the memory bank "
+                          "it votes from: lower eval.knn_k (e.g. 20) or raise eval.knn_train_samples")
+    out = Path(t.out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.out_dir={t.out_dir} is a file: give a folder for the runs (created if missing), "
+                          "e.g. train.out_dir=runs")
 
 
 def component_error(section: str, err: Exception) -> ConfigError:
     """Turn a builder's ValueError ("image_size=30 is not ...") into one naming the config field."""
-    msg = str(err)
+    msg = re.sub(r"\be\.g\. ([A-Za-z_]+=)", rf"e.g. {section}.\1", str(err))  # "e.g. dim=64" -> "e.g. backbone.dim=64"
     if re.match(r"[A-Za-z_]+=", msg):
         return ConfigError(f"{section}.{msg}")
     return ConfigError(f"{section}: {msg}")

@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # run as a script (python pretrain/export.py): fi
 import backbones  # noqa: E402
 from backbones import base as bb_base  # noqa: E402
 from backbones import timm_export  # noqa: E402
+from data.redact import redact  # noqa: E402
 
 FORMATS = ("vit-ssl", "timm")
 # meta keys the export sets itself; every other key of backbone.json (e.g. "data") is carried over
@@ -77,10 +78,11 @@ def _step(meta: dict[str, Any], ckpt: Path) -> int | None:
 
 def provenance(meta: dict[str, Any], ckpt: Path) -> dict[str, Any]:
     """Where the weights come from and how to feed them: preprocess, step, objective, source, plus
-    every other key of the checkpoint's metadata (e.g. the training data)."""
+    every other key of the checkpoint's metadata (e.g. the training data). An export is made to be
+    shared, so credentials in the training data's URLs and commands are masked (data.redact)."""
     extra = {k: v for k, v in meta.items() if k not in _OWN_KEYS}
-    return {"preprocess": meta.get("preprocess"), "step": _step(meta, ckpt), "objective": meta.get("objective"),
-            "source": str(ckpt.resolve()), **extra}
+    return redact({"preprocess": meta.get("preprocess"), "step": _step(meta, ckpt), "objective": meta.get("objective"),
+                   "source": str(ckpt.resolve()), **extra})
 
 
 # --------------------------------------------------------------------------- the two formats

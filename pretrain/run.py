@@ -5,6 +5,7 @@
 With no data setting it trains on the built-in dataset (Fashion-MNIST) and ends by printing the
 run directory, the MLflow run and the kNN top-1 of the final checkpoint next to the random
 initialisation's. Relaunching the same command resumes from the newest complete checkpoint.
+SIGTERM or SIGUSR1 ends the launch after the current step with a checkpoint (exit code 75).
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ if __package__ in (None, ""):  # run as a script (accelerate launch pretrain/run
 
 from data.builtin import DatasetNotFoundError  # noqa: E402
 from data.stream import DataError  # noqa: E402
+from pretrain.checkpoint import CheckpointError  # noqa: E402
 from pretrain.config import ConfigError, build_config, list_recipes  # noqa: E402
+from pretrain.guard import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 bad input, 3 non-finite steps, 75 / 76 stopped by a signal (pretrain/guard.py)."""
     args = parse_args(argv)
     try:
         cfg = build_config(args.objective, args.recipe, args.overrides)
@@ -45,14 +49,17 @@ def main(argv: list[str] | None = None) -> int:
         from pretrain.train import build_objective, train
 
         build_objective(cfg)  # every setting checked before any data is read
-        train(cfg)
+        result = train(cfg)
         from accelerate import PartialState
 
         PartialState().destroy_process_group()
-    except (ConfigError, DatasetNotFoundError, DataError) as e:
+    except (ConfigError, CheckpointError, DatasetNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    return EXIT_PREEMPTED if result["stopped_by"] else 0
 
 
 if __name__ == "__main__":

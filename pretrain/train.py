@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
@@ -21,17 +23,20 @@ import backbones
 import objectives
 from data.augment import DeviceAugment
 from data.builtin import builtin_shards
+from data.redact import redact
 from data.shards import find_manifest, shard_urls
-from data.stream import ShardLoader
+from data.stream import DataError, ShardLoader
 
 from . import checkpoint as ckpt_mod
 from . import config as config_mod
+from . import guard
 from .config import Config, ConfigError
 from .tracking import RunLog
 
 # settings that may change when a run is relaunched in the same folder
 RESUMABLE_CHANGES = ("train.total_steps", "train.log_every", "train.ckpt_every", "train.keep_last",
-                     "train.progress", "train.stop_at", "train.cpu_threads", "eval", "data.num_workers", "data.train", "data.test", "data.fashion_mnist_dir",
+                     "train.progress", "train.stop_at", "train.cpu_threads", "train.grace_seconds",
+                     "train.max_nonfinite_steps", "eval", "data.num_workers", "data.train", "data.test", "data.fashion_mnist_dir",
                      "data.max_corrupt_fraction")
 
 
@@ -76,7 +81,10 @@ def train_shards(cfg: Config) -> tuple[list[str], dict | None]:
         spec = builtin_shards(root=cfg.data.fashion_mnist_dir)["train"]
     else:
         spec = cfg.data.train
-    urls = shard_urls(str(spec))
+    try:
+        urls = shard_urls(str(spec))
+    except ValueError as e:
+        raise ConfigError(f"data.train={redact(str(spec))}: {e}") from None
     return urls, find_manifest(spec)
 
 
@@ -134,29 +142,82 @@ def normalisation(cfg: Config, manifest: dict | None, channels: int) -> tuple[li
 
 
 def check_world_size(acc: Accelerator) -> None:
-    """Refuse a launch that started several processes that do not form one job (STACK.md: on a
-    CPU, `accelerate launch --multi_gpu` without ACCELERATE_USE_CPU=1 runs independent copies)."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and acc.num_processes != launched:
-        raise RuntimeError(
-            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but they do not form one "
-            f"job (Accelerate sees {acc.num_processes}): on a machine without a GPU launch with "
-            f"ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {launched} ..."
+    """Refuse a launch whose processes do not form the job it asked for. On a machine without a GPU
+    (STACK.md), `accelerate launch --multi_gpu` without ACCELERATE_USE_CPU=1 starts independent
+    copies, and `--num_processes 2` without `--multi_gpu` (or with `--cpu`) starts one process."""
+    asked = int(os.environ.get("WORLD_SIZE") or requested_processes() or 1)
+    if asked > 1 and acc.num_processes != asked:
+        raise ConfigError(
+            f"the launch asked for {asked} processes but they do not form one {asked}-process job (Accelerate sees "
+            f"{acc.num_processes}): on a machine without a GPU launch with "
+            f"ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {asked} ... "
+            "(or --config_file launch/cpu_2proc.yaml); on GPUs add --multi_gpu"
         )
 
 
-def clip_gradients(acc: Accelerator, model: torch.nn.Module, max_norm: float, per_param: bool) -> None:
-    """Clip the global gradient norm, or (DINO's `clip_gradients`) each parameter's norm on its own."""
-    if not per_param:
-        acc.clip_grad_norm_(model.parameters(), max_norm)
-        return
-    if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
+def requested_processes() -> int | None:
+    """The process count given to `accelerate launch` when it started no distributed job (no
+    WORLD_SIZE), read from its command line (its flag, else its config file); None for other parents."""
+    try:
+        args = [a.decode(errors="replace") for a in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return None
+    if "launch" not in args or not any(Path(a).name == "accelerate" for a in args[: args.index("launch")]):
+        return None
+    flags = dict(re.findall(r"--(num_processes|config_file)[= ](\S+)", " ".join(args[: next(
+        (i for i, a in enumerate(args) if a.endswith(".py")), len(args))])))
+    try:
+        if "num_processes" in flags:
+            return int(flags["num_processes"])
+        if "config_file" in flags:
+            return int((yaml.safe_load(Path(flags["config_file"]).read_text()) or {}).get("num_processes") or 1)
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return None
+
+
+def clip_gradients(acc: Accelerator, model: torch.nn.Module, max_norm: float | None, per_param: bool) -> torch.Tensor:
+    """The global gradient norm before clipping; clip it to max_norm (None: no clipping), or (DINO's
+    `clip_gradients`) each parameter's norm on its own."""
+    if max_norm is not None and not per_param:
+        return acc.clip_grad_norm_(model.parameters(), max_norm)
+    if per_param and acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
         raise ConfigError(f"optim.clip_per_param=true is not supported under {acc.distributed_type.name} (it would "
                           "clip shards, not parameters): set optim.clip_per_param=false")
     acc.unscale_gradients()
-    for p in model.parameters():
-        if p.grad is not None:
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if max_norm is not None:
+        for p in params:
             torch.nn.utils.clip_grad_norm_(p, max_norm)
+    return norm
+
+
+def next_batches(data, count: int) -> tuple[list, DataError | None]:
+    """This step's batches (one per gradient-accumulation micro-step), or the DataError that ended
+    the stream here: raised only once every rank knows (raise_data_error), so none is left waiting."""
+    try:
+        return [next(data) for _ in range(count)], None
+    except DataError as e:
+        return [], e
+
+
+def raise_data_error(acc: Accelerator, loader: ShardLoader, run_dir: Path, error: DataError | None) -> None:
+    """Collective: the corrupt-sample report written, then the first failing rank's error raised on every rank."""
+    messages = [m for m in gather_object([str(error) if error else None]) if m]
+    log_bad_samples(acc, loader, run_dir)
+    raise DataError(messages[0])
+
+
+def stop_nonfinite(acc: Accelerator, run_dir: Path, done: int, in_a_row: int, model, cfg: Config,
+                   loader: ShardLoader, meta: dict) -> None:
+    """Collective: checkpoint the last good state (skipped steps moved nothing), then stop every rank."""
+    ckpt = ckpt_mod.save_checkpoint(acc, run_dir, done, model, cfg, loader.state_dict(), meta)
+    raise guard.NonFiniteError(
+        f"the loss or gradient norm was not finite in {in_a_row} steps in a row (steps {done - in_a_row + 1}-{done}; "
+        f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}): stopped. {ckpt} holds the last good state "
+        f"(the parameters after step {done - in_a_row}). Lower optim.lr, raise optim.warmup_steps, set optim.clip_grad, "
+        "or use train.mixed_precision=bf16 or no instead of fp16, and start again")
 
 
 def set_cpu_threads(acc: Accelerator, cfg: Config) -> None:
@@ -168,6 +229,7 @@ def set_cpu_threads(acc: Accelerator, cfg: Config) -> None:
 
 def train(cfg: Config) -> dict[str, Any]:
     t_start = time.time()
+    stop = guard.StopSignal(cfg.train.grace_seconds)  # SIGTERM / SIGUSR1: finish the step, checkpoint, exit
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum)
     check_world_size(acc)
     set_cpu_threads(acc, cfg)
@@ -183,7 +245,8 @@ def train(cfg: Config) -> dict[str, Any]:
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
     say(f"[vit-ssl] {cfg.objective['name']} on {cfg.backbone['name']} "
         f"({sum(p.numel() for p in backbone.parameters()) / 1e6:.2f} M backbone parameters), "
-        f"{acc.num_processes} process(es) on {acc.device}, global batch {global_batch}, run dir {run_dir}")
+        f"{acc.num_processes} process(es) on {acc.device} ({acc.distributed_type.name}, {acc.mixed_precision} mixed "
+        f"precision), global batch {global_batch}, run dir {run_dir}")
 
     # 2. data: uint8 batches from the shards, augmented on the device
     urls, manifest = train_shards(cfg)
@@ -200,6 +263,8 @@ def train(cfg: Config) -> dict[str, Any]:
     # 4. resume from the newest complete checkpoint, or start fresh
     meta = {"objective": cfg.objective["name"], "preprocess": {"image_size": list(backbone.image_size),
             "channels": backbone.in_chans, "mean": mean, "std": std}, "data": {"train": cfg.data.train, "test": cfg.data.test}}
+    if main:
+        ckpt_mod.remove_stale(run_dir)  # half-written checkpoints of a killed launch
     start_step, latest = 0, ckpt_mod.latest_checkpoint(run_dir)
     if latest is not None:
         saved = config_mod.load(latest / "config.yaml")
@@ -230,37 +295,58 @@ def train(cfg: Config) -> dict[str, Any]:
         scores["random_init"] = score(ckpt0, cfg, tracker, acc.device)
     monitor = knn_monitor(cfg, meta, acc.device) if cfg.eval.knn_every and scorable else None
 
-    # 5. the loop
+    # 5. the loop; every decision that skips or ends a step is taken by all ranks together (guard.py)
     data = iter(loader)
     sums: dict[str, torch.Tensor] = {}  # every scalar the objective returns, summed until logged
     n, images, t_log = 0, 0, time.time()
+    in_a_row, skipped_steps, done, signalled = 0, 0, start_step, False
     bar = progress_bar(cfg, start_step, main)
     model.train()
     end = min(cfg.train.total_steps, cfg.train.stop_at or cfg.train.total_steps)
     for step in range(start_step, end):
+        position = loader.state_dict()  # before this step's batches: where a signal's checkpoint resumes
+        batches, data_error = next_batches(data, cfg.train.grad_accum)
+        signalled, data_failed = guard.any_rank(acc, stop.received is not None, data_error is not None)
+        if data_failed:
+            raise_data_error(acc, loader, run_dir, data_error)
+        if signalled:
+            break
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for _ in range(cfg.train.grad_accum):
-            batch = next(data)
+        outs = []
+        for batch in batches:
             with torch.no_grad():
                 views = augment(batch.images.to(acc.device, non_blocking=True))
             with acc.accumulate(model):
-                out = model({"views": views, "labels": batch.labels.to(acc.device)})
-                acc.backward(out["loss"])
-                if acc.sync_gradients and o.clip_grad:
-                    clip_gradients(acc, model, o.clip_grad, o.clip_per_param)
-                for p in acc.unwrap_model(model).frozen_parameters():
-                    p.grad = None
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            for key, value in out.items():
-                value = torch.as_tensor(value, device=acc.device).detach().float()
-                sums[key] = sums[key] + value if key in sums else value
-            n += 1
+                outs.append(model({"views": views, "labels": batch.labels.to(acc.device)}))
+                acc.backward(outs[-1]["loss"])
             images += batch.images.shape[0]
-        acc.unwrap_model(model).on_step(step + 1, cfg.train.total_steps)
+        grad_norm = clip_gradients(acc, model, o.clip_grad, o.clip_per_param)  # the norm before clipping
+        finite = guard.is_finite(*(out["loss"] for out in outs), grad_norm if acc.mixed_precision != "fp16" else None)
+        (nonfinite,) = guard.any_rank(acc, not finite)  # fp16: the gradient scaler skips overflowing steps itself
+        objective_ = acc.unwrap_model(model)
         done = step + 1
+        if nonfinite:  # nothing moves: no optimizer step, no EMA or centre update
+            optimizer.zero_grad(set_to_none=True)
+            objective_.skip_step(done, cfg.train.total_steps)
+            in_a_row, skipped_steps = in_a_row + 1, skipped_steps + 1
+            say(f"[vit-ssl] step {done}: the loss or gradient norm is not finite on some process: step skipped "
+                f"({in_a_row} in a row, {skipped_steps} in this launch)")
+            if in_a_row >= cfg.train.max_nonfinite_steps:
+                stop_nonfinite(acc, run_dir, done, in_a_row, model, cfg, loader, meta)
+        else:
+            for p in objective_.frozen_parameters():
+                p.grad = None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            objective_.on_step(done, cfg.train.total_steps)
+            in_a_row = 0
+            for out in outs:
+                for key, value in {**out, "grad_norm": grad_norm}.items():
+                    value = torch.as_tensor(value, device=acc.device).detach().float()
+                    sums[key] = sums[key] + value if key in sums else value
+                n += 1
 
         if done % cfg.train.log_every == 0 or done == cfg.train.total_steps:
             metrics = {k: acc.reduce(v / n, reduction="mean").item() for k, v in sorted(sums.items())}
@@ -269,8 +355,9 @@ def train(cfg: Config) -> dict[str, Any]:
             img_s = images * acc.num_processes / (time.time() - t_log)
             if main:
                 tracker.log({**metrics, "lr": lr, "images_per_s": img_s, "data/skipped": skipped,
-                             "data/bad_shards": bad_shards, "data/epoch": loader.state_dict()["epoch"]}, done)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
+                             "data/bad_shards": bad_shards, "data/epoch": loader.state_dict()["epoch"],
+                             "nonfinite_steps": skipped_steps}, done)
+                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
             sums, n, images, t_log = {}, 0, 0, time.time()
         bar.update(1)
         if done % cfg.train.ckpt_every == 0 or done == end:
@@ -282,15 +369,23 @@ def train(cfg: Config) -> dict[str, Any]:
                 bar.write(f"[vit-ssl] step {done}: kNN top-1@{cfg.eval.knn_k} on the subset = "
                           f"{100 * watched[f'knn_subset/top1@{cfg.eval.knn_k}']:.2f} %")
     bar.close()
+    (stopping,) = guard.any_rank(acc, stop.received is not None)  # a signal during the last step counts too
+    newest = ckpt_mod.latest_checkpoint(run_dir)
+    if signalled and (newest is None or ckpt_mod.checkpoint_step(newest) != done):  # preempted: checkpoint where
+        ckpt_mod.save_checkpoint(acc, run_dir, done, model, cfg, position, meta)  # the stream stood before it
+    if stopping:
+        say(f"[vit-ssl] stopped by {stop.received or 'a signal to another process'} after step {done}, checkpointed: "
+            "relaunch the same command to resume")
+    stop.restore()
 
     # 6. score the final checkpoint and say where everything is
     final = ckpt_mod.latest_checkpoint(run_dir)
-    finished = end == cfg.train.total_steps
-    if finished and scorable:
+    finished = done == cfg.train.total_steps
+    if finished and scorable and not stopping:
         scores["final"] = score(final, cfg, tracker, acc.device)
     acc.wait_for_everyone()
     result = {"run_dir": str(run_dir), "checkpoint": str(final), "scores": scores, "finished": finished,
-              "step": end, "objective": acc.unwrap_model(model),
+              "step": done, "stopped_by": (stop.received or "signal") if stopping else None, "objective": acc.unwrap_model(model),
               "minutes": (time.time() - t_start) / 60, "world_size": acc.num_processes}
     if main:
         result["mlflow_run_id"] = tracker.run_id
@@ -336,7 +431,8 @@ def summary(result: dict, cfg: Config, tracker: RunLog) -> str:
         "",
         f"run directory : {result['run_dir']}",
         f"checkpoint    : {result['checkpoint']}",
-        f"MLflow run    : {tracker.run_id}  (tracking URI {tracker.uri}; browse: mlflow ui --backend-store-uri {tracker.uri})",
+        f"MLflow run    : {tracker.run_id}  (tracking URI {redact(tracker.uri)}; browse: mlflow ui --backend-store-uri "
+        f"{redact(tracker.uri)})",
         f"time          : {result['minutes']:.1f} min on {result['world_size']} process(es)",
     ]
     if not result["finished"]:

@@ -58,5 +58,5 @@ def test_a_launch_whose_processes_do_not_form_one_job_is_refused(tmp_path):
            "pretrain/run.py", "--recipe", "tiny", f"train.out_dir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=clean_env(OMP_NUM_THREADS="1"))
     assert proc.returncode != 0
-    assert "do not form one job" in proc.stderr and "ACCELERATE_USE_CPU=1" in proc.stderr
+    assert "do not form one 2-process job" in proc.stderr and "ACCELERATE_USE_CPU=1" in proc.stderr
     assert not any(tmp_path.glob("*/checkpoints"))

@@ -79,6 +79,8 @@ def test_relaunch_with_other_training_settings_is_refused(tmp_path):
     run_pretrain(*common)
     with pytest.raises(AssertionError, match="holds a run with other settings \\(optim.lr\\)"):
         run_pretrain(*common, "optim.lr=0.5")
+    with pytest.raises(AssertionError, match="holds a run with other settings \\(backbone.depth, backbone.dim\\)"):
+        run_pretrain(*common, "backbone.dim=64", "backbone.depth=3")  # another backbone: refused, never loaded loosely
 
 
 @pytest.mark.slow
