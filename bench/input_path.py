@@ -411,7 +411,7 @@ def run_rounds(jobs: dict[tuple, Job], rounds: int, log: Callable[[str], None]) 
 
 def num(x: float) -> str:
     """Three significant figures for rates and ratios alike (1.83, 18.3, 183, 1834)."""
-    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}" if x >= 1 else f"{x:.3g}"
 
 
 def size_table(size: int, note: str, rows: list[tuple[str, InputCase, int]], rates: dict[tuple, float]) -> str:

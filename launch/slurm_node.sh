@@ -30,8 +30,7 @@ tag="[slurm_node $rank]"
     trap '' USR1 TERM
     export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGINT,SIGHUP,SIGQUIT}
     export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}  # > train.grace_seconds (90)
-    # --num_processes before --config_file: pretrain/train.py's launch check reads the launcher's
-    # command line and (as of this writing) takes the first of the two it finds
+    # --num_processes (the total over all nodes) overrides the config file's count
     exec "${VIT_SSL_ACCELERATE:-accelerate}" launch --num_processes "$((nodes * per_node))" \
         --config_file "${VIT_SSL_CONFIG:-launch/multi_node.yaml}" --num_machines "$nodes" --machine_rank "$rank" \
         --main_process_ip "${VIT_SSL_MAIN_IP:?}" --main_process_port "${VIT_SSL_PORT:?}" \

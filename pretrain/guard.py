@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
-import time
 
 import torch
 
@@ -48,6 +46,7 @@ class StopSignal:
         self.grace_seconds = grace_seconds
         self.received: str | None = None
         self._pid = os.getpid()
+        self._disarmed = threading.Event()
         self._previous = {}
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
             for sig in STOP_SIGNALS:
@@ -58,20 +57,30 @@ class StopSignal:
             return  # it keeps serving batches until the trainer has checkpointed and shuts it down
         if self.received is None:
             self.received = signal.Signals(signum).name
-            print(f"[vit-ssl] {self.received}: finishing this step, then checkpointing and exiting "
-                  f"(grace period {self.grace_seconds:g} s)", file=sys.stderr, flush=True)
+            _say(f"[vit-ssl] {self.received}: finishing this step, then checkpointing and exiting "
+                 f"(grace period {self.grace_seconds:g} s)")
             threading.Thread(target=self._watchdog, daemon=True).start()
 
     def _watchdog(self) -> None:
-        time.sleep(self.grace_seconds)
-        print(f"[vit-ssl] the grace period of {self.grace_seconds:g} s ran out before the checkpoint was complete: "
-              f"exiting with code {EXIT_GRACE_EXPIRED}; the previous checkpoint is the resume point",
-              file=sys.stderr, flush=True)
+        if self._disarmed.wait(self.grace_seconds):
+            return
+        _say(f"[vit-ssl] the grace period of {self.grace_seconds:g} s ran out before the checkpoint was complete: "
+             f"exiting with code {EXIT_GRACE_EXPIRED}; the previous checkpoint is the resume point")
         os._exit(EXIT_GRACE_EXPIRED)
+
+    def disarm(self) -> None:
+        """The stop's checkpoint is complete: the watchdog no longer needs to cut anything short."""
+        self._disarmed.set()
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _say(message: str) -> None:
+    """Straight to stderr's file descriptor: a signal handler must not re-enter a buffered write
+    (a progress bar may be in the middle of one)."""
+    os.write(2, (message + "\n").encode())
 
 
 def any_rank(acc, *flags: bool) -> list[bool]:

@@ -11,6 +11,7 @@ of the launch, and metrics.jsonl keeps everything.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -50,6 +51,9 @@ class RunLog:
         self.uri = tracking.tracking_uri(cfg.train.out_dir)
         self.run_id: str | None = None
         self._local_log_failed = False
+        if tracking.is_server(self.uri):  # a server that stops answering holds the step for seconds, not minutes
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         why = unreachable(self.uri)
         if why is None:
             try:
@@ -61,9 +65,14 @@ class RunLog:
             warn(f"MLflow tracking server {redact(self.uri)} is unreachable ({why}): the run goes on and logs to the local "
                  f"store {local} and to {self.local_log}; browse it with mlflow ui --backend-store-uri {local}")
             self.uri = local
-            self._open_mlflow_run(cfg)
+            self._open_mlflow_run(cfg, remember=not self._names_a_server_run())
 
-    def _open_mlflow_run(self, cfg: Config) -> None:
+    def _names_a_server_run(self) -> bool:
+        """run.json names a run on a tracking server: keep it, so a relaunch with the server back logs there."""
+        info = json.loads(self.info_file.read_text()) if self.info_file.is_file() else {}
+        return tracking.is_server(info.get("tracking_uri") or "")
+
+    def _open_mlflow_run(self, cfg: Config, remember: bool = True) -> None:
         self.client = tracking.client(self.uri)
         info = json.loads(self.info_file.read_text()) if self.info_file.is_file() else {}
         if info.get("tracking_uri") == self.uri and self._exists(info.get("mlflow_run_id")):
@@ -77,8 +86,9 @@ class RunLog:
         self.run_id = run.info.run_id
         tracking.log_params(self.run_id, {k: (json.dumps(v) if isinstance(v, list) else v)
                                           for k, v in tracking.flatten(cfg.to_dict()).items()}, self.uri)
-        self.info_file.write_text(json.dumps({"mlflow_run_id": self.run_id, "tracking_uri": self.uri,
-                                              "experiment": EXPERIMENT}, indent=2))
+        if remember:
+            self.info_file.write_text(json.dumps({"mlflow_run_id": self.run_id, "tracking_uri": self.uri,
+                                                  "experiment": EXPERIMENT}, indent=2))
 
     def _exists(self, run_id: str | None) -> bool:
         if not run_id:

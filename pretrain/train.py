@@ -100,7 +100,7 @@ def build_loader(cfg: Config, urls: list[str], manifest: dict | None, objective:
                            resampled=cfg.data.resampled, shards_per_epoch=cfg.data.shards_per_epoch,
                            max_corrupt_fraction=cfg.data.max_corrupt_fraction)
     except ValueError as e:
-        raise ConfigError(f"data.train={cfg.data.train or 'built-in'}: {e}") from None
+        raise ConfigError(f"data.train={redact(str(cfg.data.train or 'built-in'))}: {e}") from None
 
 
 def load_channels(manifest: dict | None, in_chans: int) -> int:
@@ -216,8 +216,9 @@ def stop_nonfinite(acc: Accelerator, run_dir: Path, done: int, in_a_row: int, mo
     raise guard.NonFiniteError(
         f"the loss or gradient norm was not finite in {in_a_row} steps in a row (steps {done - in_a_row + 1}-{done}; "
         f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}): stopped. {ckpt} holds the last good state "
-        f"(the parameters after step {done - in_a_row}). Lower optim.lr, raise optim.warmup_steps, set optim.clip_grad, "
-        "or use train.mixed_precision=bf16 or no instead of fp16, and start again")
+        f"(the parameters after step {done - in_a_row}); relaunching the same command replays the same steps. Start "
+        "again with a lower optim.lr, a longer optim.warmup_steps or optim.clip_grad set (a new run directory), or "
+        "with train.mixed_precision=bf16 or no instead of fp16")
 
 
 def set_cpu_threads(acc: Accelerator, cfg: Config) -> None:
@@ -225,6 +226,106 @@ def set_cpu_threads(acc: Accelerator, cfg: Config) -> None:
     from eval.features import share_cpu_threads
 
     share_cpu_threads(acc.device, cfg.train.cpu_threads, acc.num_processes)
+
+
+def resume(acc: Accelerator, cfg: Config, loader: ShardLoader, say) -> tuple[int, Path | None]:
+    """Restore the newest complete checkpoint of the run, verified on every rank first: (its step, it),
+    or (0, None) for a fresh run. A checkpoint of other settings is refused, naming them."""
+    run_dir = cfg.run_dir
+    if acc.is_main_process:
+        ckpt_mod.remove_stale(run_dir)  # what a kill during a checkpoint write left
+    acc.wait_for_everyone()
+    latest = ckpt_mod.latest_checkpoint(run_dir)
+    if latest is None:
+        return 0, None
+    saved, written = ckpt_mod.read_checkpoint(acc, latest)
+    changed = config_mod.differences(saved, cfg, ignore=RESUMABLE_CHANGES)
+    if written.get("mixed_precision", acc.mixed_precision) != acc.mixed_precision:
+        changed.append(f"the launch's mixed precision, {written['mixed_precision']} -> {acc.mixed_precision}")
+    if changed:
+        raise ConfigError(f"{run_dir} holds a run with other settings ({', '.join(changed)}): "
+                          f"set train.run_name to start a new run, or restore those settings to resume")
+    start_step, position = ckpt_mod.load_checkpoint(acc, latest, written)
+    loader.load_state_dict(position)
+    if written["world_size"] != acc.num_processes:
+        say(f"[vit-ssl] {latest.name} was written by {written['world_size']} process(es): the data stream restarts "
+            f"epoch {position['epoch']}")
+    elif saved.data.num_workers != cfg.data.num_workers:  # the order is a function of the worker count
+        say(f"[vit-ssl] data.num_workers changed ({saved.data.num_workers} -> {cfg.data.num_workers}): the rest "
+            f"of epoch {position['epoch']} is read in another order, so some of its samples repeat or wait "
+            "for the next epoch; keep the count to resume exactly")
+    say(f"[vit-ssl] resumed from {latest} at step {start_step}")
+    return start_step, latest
+
+
+def forward_backward(acc: Accelerator, model, augment: DeviceAugment, batches: list, o) -> tuple[list[dict], torch.Tensor]:
+    """One optimizer step's micro-batches: views on the device, forward, backward; returns the
+    objective's outputs and the gradient norm before clipping (gradients clipped as configured)."""
+    outs = []
+    for batch in batches:
+        with torch.no_grad():
+            views = augment(batch.images.to(acc.device, non_blocking=True))
+        with acc.accumulate(model):
+            outs.append(model({"views": views, "labels": batch.labels.to(acc.device)}))
+            acc.backward(outs[-1]["loss"])
+    return outs, clip_gradients(acc, model, o.clip_grad, o.clip_per_param)
+
+
+def apply_step(acc: Accelerator, model, optimizer, outs: list[dict], grad_norm: torch.Tensor, done: int, total: int) -> bool:
+    """The optimizer step and the objective's on_step, unless some rank saw a non-finite loss or
+    gradient norm (fp16: the gradient scaler skips overflowing steps itself); then nothing moves."""
+    finite = guard.is_finite(*(out["loss"] for out in outs), grad_norm if acc.scaler is None else None)
+    (nonfinite,) = guard.any_rank(acc, not finite)
+    objective = acc.unwrap_model(model)
+    if nonfinite:
+        optimizer.zero_grad(set_to_none=True)
+        if acc.scaler is not None:  # close the scaler's iteration (the gradients were unscaled)
+            acc.scaler.update()
+        objective.skip_step(done, total)
+        return False
+    for p in objective.frozen_parameters():
+        p.grad = None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    objective.on_step(done, total)
+    return True
+
+
+class Window:
+    """What is logged every train.log_every steps: every scalar the objective returns and the
+    gradient norm, summed over the applied steps' micro-batches; images counted over all steps."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n, self.images, self.t0 = 0, 0, time.time()
+
+    def add(self, outs: list[dict], grad_norm: torch.Tensor, device: torch.device) -> None:
+        for out in outs:
+            for key, value in {**out, "grad_norm": grad_norm}.items():
+                value = torch.as_tensor(value, device=device).detach().float()
+                self.sums[key] = self.sums[key] + value if key in self.sums else value
+            self.n += 1
+
+
+def log_window(acc: Accelerator, window: Window, loader: ShardLoader, run_dir: Path, tracker: RunLog | None, bar,
+               done: int, extra: dict[str, float]) -> None:
+    """Collective: the window's means over all ranks, throughput and data counters, logged by the main process."""
+    metrics = {k: acc.reduce(v / window.n, reduction="mean").item() for k, v in sorted(window.sums.items())}
+    skipped = acc.reduce(torch.tensor(float(loader.skipped), device=acc.device), reduction="sum").item()
+    bad_shards = log_bad_samples(acc, loader, run_dir) if skipped else 0
+    img_s = window.images * acc.num_processes / (time.time() - window.t0)
+    if tracker is not None:
+        tracker.log({**metrics, **extra, "images_per_s": img_s, "data/skipped": skipped, "data/bad_shards": bad_shards,
+                     "data/epoch": loader.state_dict()["epoch"]}, done)
+        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", lr=f"{extra['lr']:.2e}", img_s=f"{img_s:.0f}")
+
+
+def watch_knn(acc: Accelerator, monitor, model, tracker: RunLog | None, bar, done: int, k: int) -> None:
+    """Collective: eval.knn_every's kNN on the fixed subset (every rank extracts its share)."""
+    watched = monitor(acc.unwrap_model(model).export_backbone())
+    if tracker is not None:
+        tracker.log(watched, done)
+        bar.write(f"[vit-ssl] step {done}: kNN top-1@{k} on the subset = {100 * watched[f'knn_subset/top1@{k}']:.2f} %")
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -263,26 +364,8 @@ def train(cfg: Config) -> dict[str, Any]:
     # 4. resume from the newest complete checkpoint, or start fresh
     meta = {"objective": cfg.objective["name"], "preprocess": {"image_size": list(backbone.image_size),
             "channels": backbone.in_chans, "mean": mean, "std": std}, "data": {"train": cfg.data.train, "test": cfg.data.test}}
-    if main:
-        ckpt_mod.remove_stale(run_dir)  # half-written checkpoints of a killed launch
-    start_step, latest = 0, ckpt_mod.latest_checkpoint(run_dir)
-    if latest is not None:
-        saved = config_mod.load(latest / "config.yaml")
-        changed = config_mod.differences(saved, cfg, ignore=RESUMABLE_CHANGES)
-        if changed:
-            raise ConfigError(f"{run_dir} holds a run with other settings ({', '.join(changed)}): "
-                              f"set train.run_name to start a new run, or restore those settings to resume")
-        start_step, position = ckpt_mod.load_checkpoint(acc, latest)
-        if position is not None:
-            loader.load_state_dict(position)
-            if saved.data.num_workers != cfg.data.num_workers:  # the order is a function of the worker count
-                say(f"[vit-ssl] data.num_workers changed ({saved.data.num_workers} -> {cfg.data.num_workers}): the rest "
-                    f"of epoch {position['epoch']} is read in another order, so some of its samples repeat or wait "
-                    "for the next epoch; keep the count to resume exactly")
-        else:
-            say(f"[vit-ssl] {latest.name} was written by another number of processes: the data stream restarts its epoch")
-        say(f"[vit-ssl] resumed from {latest} at step {start_step}")
-    else:
+    start_step, latest = resume(acc, cfg, loader, say)
+    if latest is None:
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
             config_mod.save(cfg, run_dir / "config.yaml")
@@ -296,10 +379,8 @@ def train(cfg: Config) -> dict[str, Any]:
     monitor = knn_monitor(cfg, meta, acc.device) if cfg.eval.knn_every and scorable else None
 
     # 5. the loop; every decision that skips or ends a step is taken by all ranks together (guard.py)
-    data = iter(loader)
-    sums: dict[str, torch.Tensor] = {}  # every scalar the objective returns, summed until logged
-    n, images, t_log = 0, 0, time.time()
-    in_a_row, skipped_steps, done, signalled = 0, 0, start_step, False
+    data, window = iter(loader), Window()
+    in_a_row, skipped, done, signalled = 0, 0, start_step, False
     bar = progress_bar(cfg, start_step, main)
     model.train()
     end = min(cfg.train.total_steps, cfg.train.stop_at or cfg.train.total_steps)
@@ -314,66 +395,32 @@ def train(cfg: Config) -> dict[str, Any]:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        outs = []
-        for batch in batches:
-            with torch.no_grad():
-                views = augment(batch.images.to(acc.device, non_blocking=True))
-            with acc.accumulate(model):
-                outs.append(model({"views": views, "labels": batch.labels.to(acc.device)}))
-                acc.backward(outs[-1]["loss"])
-            images += batch.images.shape[0]
-        grad_norm = clip_gradients(acc, model, o.clip_grad, o.clip_per_param)  # the norm before clipping
-        finite = guard.is_finite(*(out["loss"] for out in outs), grad_norm if acc.mixed_precision != "fp16" else None)
-        (nonfinite,) = guard.any_rank(acc, not finite)  # fp16: the gradient scaler skips overflowing steps itself
-        objective_ = acc.unwrap_model(model)
+        outs, grad_norm = forward_backward(acc, model, augment, batches, o)
+        window.images += sum(batch.images.shape[0] for batch in batches)
         done = step + 1
-        if nonfinite:  # nothing moves: no optimizer step, no EMA or centre update
-            optimizer.zero_grad(set_to_none=True)
-            objective_.skip_step(done, cfg.train.total_steps)
-            in_a_row, skipped_steps = in_a_row + 1, skipped_steps + 1
+        if apply_step(acc, model, optimizer, outs, grad_norm, done, cfg.train.total_steps):
+            window.add(outs, grad_norm, acc.device)
+            in_a_row = 0
+        else:  # a non-finite loss or gradient on some rank: skipped everywhere, nothing moved
+            in_a_row, skipped = in_a_row + 1, skipped + 1
             say(f"[vit-ssl] step {done}: the loss or gradient norm is not finite on some process: step skipped "
-                f"({in_a_row} in a row, {skipped_steps} in this launch)")
+                f"({in_a_row} in a row, {skipped} in this launch)")
             if in_a_row >= cfg.train.max_nonfinite_steps:
                 stop_nonfinite(acc, run_dir, done, in_a_row, model, cfg, loader, meta)
-        else:
-            for p in objective_.frozen_parameters():
-                p.grad = None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            objective_.on_step(done, cfg.train.total_steps)
-            in_a_row = 0
-            for out in outs:
-                for key, value in {**out, "grad_norm": grad_norm}.items():
-                    value = torch.as_tensor(value, device=acc.device).detach().float()
-                    sums[key] = sums[key] + value if key in sums else value
-                n += 1
-
         if done % cfg.train.log_every == 0 or done == cfg.train.total_steps:
-            metrics = {k: acc.reduce(v / n, reduction="mean").item() for k, v in sorted(sums.items())}
-            skipped = acc.reduce(torch.tensor(float(loader.skipped), device=acc.device), reduction="sum").item()
-            bad_shards = log_bad_samples(acc, loader, run_dir) if skipped else 0
-            img_s = images * acc.num_processes / (time.time() - t_log)
-            if main:
-                tracker.log({**metrics, "lr": lr, "images_per_s": img_s, "data/skipped": skipped,
-                             "data/bad_shards": bad_shards, "data/epoch": loader.state_dict()["epoch"],
-                             "nonfinite_steps": skipped_steps}, done)
-                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
-            sums, n, images, t_log = {}, 0, 0, time.time()
+            log_window(acc, window, loader, run_dir, tracker, bar, done, {"lr": lr, "nonfinite_steps": skipped})
+            window = Window()
         bar.update(1)
         if done % cfg.train.ckpt_every == 0 or done == end:
             ckpt_mod.save_checkpoint(acc, run_dir, done, model, cfg, loader.state_dict(), meta)
         if monitor is not None and done % cfg.eval.knn_every == 0 and done < cfg.train.total_steps:
-            watched = monitor(acc.unwrap_model(model).export_backbone())  # every rank extracts its share
-            if main:
-                tracker.log(watched, done)
-                bar.write(f"[vit-ssl] step {done}: kNN top-1@{cfg.eval.knn_k} on the subset = "
-                          f"{100 * watched[f'knn_subset/top1@{cfg.eval.knn_k}']:.2f} %")
+            watch_knn(acc, monitor, model, tracker, bar, done, cfg.eval.knn_k)
     bar.close()
     (stopping,) = guard.any_rank(acc, stop.received is not None)  # a signal during the last step counts too
-    newest = ckpt_mod.latest_checkpoint(run_dir)
-    if signalled and (newest is None or ckpt_mod.checkpoint_step(newest) != done):  # preempted: checkpoint where
-        ckpt_mod.save_checkpoint(acc, run_dir, done, model, cfg, position, meta)  # the stream stood before it
-    if stopping:
+    if signalled and ckpt_mod.latest_step(run_dir) != done:  # the stream as it stood before the unstarted step
+        ckpt_mod.save_checkpoint(acc, run_dir, done, model, cfg, position, meta)
+    if stopping:  # the checkpoint of step `done` is complete: whatever follows, exit 75
+        stop.disarm()
         say(f"[vit-ssl] stopped by {stop.received or 'a signal to another process'} after step {done}, checkpointed: "
             "relaunch the same command to resume")
     stop.restore()

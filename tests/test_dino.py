@@ -314,3 +314,22 @@ def test_teacher_stays_in_eval_mode_and_prototypes_take_weight_decay():
     assert dino.backbone.training and not dino.teacher_backbone.training and not dino.teacher_head.training
     decay, _ = dino.parameter_groups(0.04)
     assert any(p is dino.head.prototypes for p in decay["params"])  # DINO decays the prototypes
+
+
+def test_a_skipped_step_moves_neither_teacher_nor_centre_but_keeps_the_schedule():
+    """The trainer calls skip_step instead of on_step when a step's loss or gradient is not finite:
+    the teacher outputs stashed for the centre are dropped, the teacher stays, the step counter moves."""
+    dino = make()
+    dino(batch_for(dino))
+    dino.on_step(1, 10)  # a normal step first: a non-zero centre
+    centre, teacher = dino.criterion.center.clone(), [p.clone() for p in dino.teacher_parameters()]
+    with torch.no_grad():
+        for p in dino.student_parameters():
+            p.add_(1.0)  # a student the EMA would pull the teacher towards
+    dino(batch_for(dino))
+    dino.skip_step(2, 10)
+    assert torch.equal(dino.criterion.center, centre)
+    assert all(torch.equal(a, b) for a, b in zip(teacher, dino.teacher_parameters()))
+    assert int(dino.step) == 2
+    dino.on_step(3, 10)  # the next applied step updates the centre from its own forward only: nothing stashed
+    assert torch.equal(dino.criterion.center, centre)
