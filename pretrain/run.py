@@ -10,6 +10,7 @@ SIGTERM or SIGUSR1 ends the launch after the current step with a checkpoint (exi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -54,12 +55,23 @@ def main(argv: list[str] | None = None) -> int:
 
         PartialState().destroy_process_group()
     except (ConfigError, CheckpointError, DatasetNotFoundError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e), 2)
     except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
+        return fail(str(e), EXIT_NONFINITE)
     return EXIT_PREEMPTED if result["stopped_by"] else 0
+
+
+def fail(message: str, code: int) -> int:
+    """Print the one-line error. In a process group, exit right here with the code: the group's
+    teardown at interpreter exit can abort (SIGABRT) when a peer has already left, and the code
+    must reach the launcher as documented."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ stopped the run and whether the ranks' parameters are still identical.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -60,8 +61,10 @@ def main(out: Path, steps: str, argv: list[str]) -> int:
     if state.is_main_process:
         (out / "report.json").write_text(json.dumps({
             "error": error, "params_identical": bool(all(torch.equal(every_rank[0], r) for r in every_rank[1:]))}))
-    state.destroy_process_group()
-    return code
+    state.wait_for_everyone()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # as pretrain/run.py's error exit: no process-group teardown once a peer may have left
 
 
 if __name__ == "__main__":

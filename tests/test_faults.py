@@ -204,8 +204,8 @@ def test_a_nan_on_one_rank_of_two_is_skipped_by_both_then_stops_the_run(shards, 
     assert sorted(steps) == [1, 2, 4, 5], "skipped steps must not log a loss"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {r["step"]: r["nonfinite_steps"] for r in records}[3] == 1
-    # torch elastic's report: a rank exited 3 (the agent may SIGTERM the other before it exits on its own)
-    assert code != 0 and "exitcode  : 3" in err, err[-3000:]
+    # torch elastic's report: the ranks exited 3 (the agent SIGTERMs a rank that has not exited yet)
+    assert code != 0 and "exitcode  : 3" in err and "SIGABRT" not in err, err[-3000:]
 
 
 def test_refused_checkpoint_files_on_resume(shards, tmp_path):
