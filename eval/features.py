@@ -7,6 +7,7 @@ while kNN and the probe on cached features take seconds.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -90,6 +91,19 @@ def _check_device(backbone: nn.Module, device: str | torch.device | None) -> tor
 def default_batch_size(device: str | torch.device) -> int:
     """Images per forward pass for tensor input: 256 on a CPU, 512 on an accelerator."""
     return CPU_BATCH if torch.device(device).type == "cpu" else ACCELERATOR_BATCH
+
+
+def leave(code: int) -> None:
+    """End a CLI with `code`. In a process group: flush and os._exit(code), because the group's
+    teardown at interpreter exit can abort (SIGABRT, "terminate called without an active
+    exception") once a peer has left, turning the documented code into a crash."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def launch_state():

@@ -715,4 +715,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from eval.features import leave
+
+    leave(main())

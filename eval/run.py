@@ -477,4 +477,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from eval.features import leave
+
+    leave(main())

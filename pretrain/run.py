@@ -10,7 +10,6 @@ SIGTERM or SIGUSR1 ends the launch after the current step with a checkpoint (exi
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -62,17 +61,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fail(message: str, code: int) -> int:
-    """Print the one-line error. In a process group, exit right here with the code: the group's
-    teardown at interpreter exit can abort (SIGABRT) when a peer has already left, and the code
-    must reach the launcher as documented."""
+    """Print the one-line error; the code reaches the launcher through eval.features.leave."""
     print(f"error: {message}", file=sys.stderr, flush=True)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        sys.stdout.flush()
-        os._exit(code)
     return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from eval.features import leave  # noqa: E402
+
+    leave(main())
